@@ -1,0 +1,1 @@
+"""Subcommands of ``tl-reversed``: each module has ``add_parser(subparsers)`` and ``run(args)``."""

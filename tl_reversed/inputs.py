@@ -1,0 +1,163 @@
+"""Turn prompts and targets into one right-padded token batch, with clear errors.
+
+The model reads ``prompt + target[:-1]`` (teacher forcing) and the loss is the
+cross-entropy of the target tokens. Batches are padded on the right: under causal
+attention no real token ever attends to a pad that follows it, so a padded row gives
+exactly the maps of the same prompt run alone, on every architecture and without an
+attention mask. Pad rows and columns are masked out of the results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tl_reversed.architecture import ModelSpec
+
+PromptsLike = str | Sequence[str] | Tensor
+TargetsLike = str | Sequence[str] | None
+
+
+@dataclass
+class Batch:
+    """Tokenized inputs of one call.
+
+    Attributes:
+        tokens: input tokens, prompt then target minus its last token, right-padded.
+        lengths: real length of each row of ``tokens``.
+        prompt_lengths: number of prompt tokens in each row.
+        targets: target token ids of each example (empty where a metric is used).
+        prompts, target_strings: the strings, where strings were given.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    lengths: Int[Tensor, " batch"]
+    prompt_lengths: Int[Tensor, " batch"]
+    targets: list[Tensor]
+    prompts: list[str] | None
+    target_strings: list[str] | None
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self, index: Sequence[int]) -> Batch:
+        """A sub-batch, trimmed to its longest row."""
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        width = int(self.lengths[idx].max())
+        return Batch(
+            tokens=self.tokens[idx, :width],
+            lengths=self.lengths[idx],
+            prompt_lengths=self.prompt_lengths[idx],
+            targets=[self.targets[i] for i in index],
+            prompts=None if self.prompts is None else [self.prompts[i] for i in index],
+            target_strings=None if self.target_strings is None else [self.target_strings[i] for i in index],
+        )
+
+    def key_mask(self) -> Float[Tensor, "batch query_pos key_pos"]:
+        """1 where both the query and the key position are real tokens, else 0."""
+        pos = torch.arange(self.tokens.shape[1], device=self.lengths.device)
+        real = pos[None, :] < self.lengths[:, None]
+        return (real[:, :, None] & real[:, None, :]).float()
+
+
+def _as_list(value: str | Sequence[str], what: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{what} must be a string or a list of strings, got {type(value).__name__}")
+
+
+def _pad_id(model: object) -> int:
+    tokenizer = getattr(model, "tokenizer", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def tokenize(
+    model: object,
+    prompts: PromptsLike,
+    targets: TargetsLike,
+    spec: ModelSpec,
+    *,
+    need_targets: bool,
+) -> Batch:
+    """Validate and tokenize prompts and targets into a right-padded :class:`Batch`."""
+    prompt_strings: list[str] | None = None
+    if isinstance(prompts, Tensor):
+        if prompts.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"token prompts must be an integer tensor, got {prompts.dtype}")
+        rows = prompts[None] if prompts.ndim == 1 else prompts
+        if rows.ndim != 2 or rows.shape[1] == 0:
+            raise ValueError(f"token prompts must have shape [batch, pos] with pos > 0, got {tuple(prompts.shape)}")
+        prompt_tokens = [row.long().cpu() for row in rows]
+    else:
+        prompt_strings = _as_list(prompts, "prompts")
+        if not prompt_strings:
+            raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+        for i, p in enumerate(prompt_strings):
+            if not p.strip():
+                raise ValueError(f"prompt {i} is empty: give the text the model should read")
+        prompt_tokens = [model.to_tokens(p)[0].cpu() for p in prompt_strings]  # type: ignore[attr-defined]
+
+    target_strings: list[str] | None = None
+    target_tokens: list[Tensor] = [torch.empty(0, dtype=torch.long) for _ in prompt_tokens]
+    if targets is None:
+        if need_targets:
+            raise ValueError(
+                "no targets given: pass targets (one string per prompt, e.g. ' Paris') or a metric "
+                "callable (logits, tokens) -> per-example loss"
+            )
+    else:
+        target_strings = _as_list(targets, "targets")
+        if len(target_strings) != len(prompt_tokens):
+            raise ValueError(
+                f"got {len(prompt_tokens)} prompts but {len(target_strings)} targets: give one target per prompt"
+            )
+        for i, t in enumerate(target_strings):
+            if t == "":
+                raise ValueError(f"target {i} is empty: give the answer the prompt should continue with, e.g. ' Paris'")
+        target_tokens = [model.to_tokens(t, prepend_bos=False)[0].cpu() for t in target_strings]  # type: ignore[attr-defined]
+        for i, t in enumerate(target_tokens):
+            if t.numel() == 0:
+                raise ValueError(f"target {i} ({target_strings[i]!r}) tokenizes to nothing")
+
+    sequences = [torch.cat([p, t[:-1]]) for p, t in zip(prompt_tokens, target_tokens)]
+    for i, (seq, t) in enumerate(zip(sequences, target_tokens)):
+        total = seq.numel() + (1 if t.numel() else 0)
+        if total > spec.n_ctx:
+            raise ValueError(
+                f"prompt {i} is {total} tokens with its target, longer than the model's context of "
+                f"{spec.n_ctx} tokens: shorten it"
+            )
+    lengths = torch.tensor([s.numel() for s in sequences])
+    tokens = torch.full((len(sequences), int(lengths.max())), _pad_id(model), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        tokens[i, : seq.numel()] = seq
+    return Batch(
+        tokens=tokens,
+        lengths=lengths,
+        prompt_lengths=torch.tensor([p.numel() for p in prompt_tokens]),
+        targets=target_tokens,
+        prompts=prompt_strings,
+        target_strings=target_strings,
+    )
+
+
+def target_loss(logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
+    """Cross-entropy of each example's target tokens, teacher-forced, summed over tokens.
+
+    Computed per example in float32 and never averaged over the batch, so a batch gives
+    the same gradients, example by example, as one prompt at a time.
+    """
+    losses = []
+    for i, target in enumerate(batch.targets):
+        start = int(batch.prompt_lengths[i]) - 1
+        rows = logits[i, start : start + target.numel()].float()
+        logprobs = rows.log_softmax(-1)
+        losses.append(-logprobs.gather(-1, target.to(rows.device)[:, None]).sum())
+    return torch.stack(losses)

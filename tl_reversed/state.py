@@ -1,0 +1,68 @@
+"""Leave the model as we found it.
+
+Every public call runs inside :func:`untouched`: parameters stop requiring grad for
+the duration (the backward pass flows from the embeddings instead, so no weight
+gradient is ever computed), the model is put in eval mode, and on the way out,
+also after an exception, every ``requires_grad`` flag, every ``.grad``, every
+module's train/eval mode and the set of hooks on each hook point are restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def _hook_handles(model: torch.nn.Module) -> dict[str, tuple[int, int, int, int]]:
+    """Count the hooks on each hook point (TransformerLens lists and torch dicts)."""
+    counts = {}
+    for name, point in model.hook_dict.items():  # type: ignore[attr-defined]
+        counts[name] = (
+            len(getattr(point, "fwd_hooks", ())),
+            len(getattr(point, "bwd_hooks", ())),
+            len(point._forward_hooks),
+            len(point._backward_hooks),
+        )
+    return counts
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    """Total number of hooks attached to the model's hook points (for leak checks)."""
+    return sum(sum(c[:2]) for c in _hook_handles(model).values())
+
+
+@contextmanager
+def untouched(model: torch.nn.Module) -> Iterator[None]:
+    """Run a block with frozen parameters in eval mode, then restore everything."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    modes = [(module, module.training) for module in model.modules()]
+    before = _hook_handles(model)
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, flag, grad in zip(params, flags, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+        for module, training in modes:
+            module.training = training
+        _remove_new_hooks(model, before)
+
+
+def _remove_new_hooks(model: torch.nn.Module, before: dict[str, tuple[int, int, int, int]]) -> None:
+    """Remove hooks added since ``before`` (normally none: we add hooks in contexts)."""
+    for name, point in model.hook_dict.items():  # type: ignore[attr-defined]
+        fwd, bwd, _, _ = before.get(name, (0, 0, 0, 0))
+        for attr, keep in (("fwd_hooks", fwd), ("bwd_hooks", bwd)):
+            handles = getattr(point, attr, None)
+            while handles is not None and len(handles) > keep:
+                handle = handles.pop()
+                remove = getattr(handle, "hook", handle)
+                if hasattr(remove, "remove"):
+                    remove.remove()
