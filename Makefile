@@ -43,7 +43,7 @@ test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-legacy: $(LEGACY)/.installed
-	TL_REVERSED_LEGACY=1 $(LEGACY)/bin/python -m pytest tests/test_core.py -m "not embedded" $(PYTEST_ARGS)
+	TL_REVERSED_LEGACY=1 $(LEGACY)/bin/python -m pytest tests/test_core.py -m "not embedded and not bridge" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LEGACY) out .pytest_cache

@@ -73,7 +73,7 @@ def forward_backward(
                 "run it in float32 (load_model(..., dtype=torch.float32))"
             )
         loss.sum().backward()
-    return loss.detach().float().cpu()
+    return loss.detach().to(torch.float64 if loss.dtype == torch.float64 else torch.float32).cpu()
 
 
 def chunks(batch: Batch, batch_size: int | None, *, same_length: bool) -> list[list[int]]:

@@ -151,13 +151,14 @@ def tokenize(
 def target_loss(logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
     """Cross-entropy of each example's target tokens, teacher-forced, summed over tokens.
 
-    Computed per example in float32 and never averaged over the batch, so a batch gives
+    Computed per example in float32 (float64 for float64 models) and never averaged over the batch, so a batch gives
     the same gradients, example by example, as one prompt at a time.
     """
     losses = []
     for i, target in enumerate(batch.targets):
         start = int(batch.prompt_lengths[i]) - 1
-        rows = logits[i, start : start + target.numel()].float()
+        rows = logits[i, start : start + target.numel()]
+        rows = rows if rows.dtype == torch.float64 else rows.float()
         logprobs = rows.log_softmax(-1)
         losses.append(-logprobs.gather(-1, target.to(rows.device)[:, None]).sum())
     return torch.stack(losses)

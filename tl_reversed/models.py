@@ -209,6 +209,7 @@ def load_model(
             bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
         else:
             hf_model, tokenizer = _load_hf_embedded(embedded, dtype)
+            hf_model.config.architectures = [type(hf_model).__name__]  # GGUF configs leave it empty
             if device is not None:
                 hf_model = hf_model.to(device)
             source = str(_cache_files(embedded, dtype)[0])

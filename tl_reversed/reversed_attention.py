@@ -37,11 +37,20 @@ def ra_from_parts(
     grad_z: Float[Tensor, "batch query_pos head d_head"],
     scale: float,
 ) -> Float[Tensor, "batch head query_pos key_pos"]:
-    """RA of every head of one layer, in float32, from the pattern, values and ``grad(hook_z)``."""
-    values = repeat_kv(v.float(), pattern.shape[1])
-    grad_pattern = einops.einsum(grad_z.float(), values, "b q h d, b k h d -> b h q k")
-    a = pattern.float()
+    """RA of every head of one layer from the pattern, values and ``grad(hook_z)``.
+
+    Computed in float32 (float64 for float64 inputs), whatever the model's dtype.
+    """
+    dtype = accumulation_dtype(grad_z.dtype)
+    values = repeat_kv(v.to(dtype), pattern.shape[1])
+    grad_pattern = einops.einsum(grad_z.to(dtype), values, "b q h d, b k h d -> b h q k")
+    a = pattern.to(dtype)
     return a * (grad_pattern - (a * grad_pattern).sum(-1, keepdim=True)) * scale
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other dtype (half, bfloat16, float32) accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_layers(layers: Sequence[int] | int | None, spec: ModelSpec) -> list[int]:
@@ -177,21 +186,29 @@ class ReversedAttention:
 
         return plot_norms(self, **kwargs)
 
+    def to_html(self, path, heads=None, example=0):
+        """Write an interactive, offline HTML page of chosen heads' maps (see :func:`tl_reversed.html.to_html`)."""
+        from tl_reversed.html import to_html
+
+        return to_html(self, path, heads=heads, example=example)
+
 
 class _LayerSink:
     """Receives each layer's RA inside the backward hook and keeps what ``keep`` asks for."""
 
-    def __init__(self, spec: ModelSpec, layers: list[int], batch: Batch, keep: str, device: torch.device):
+    def __init__(self, spec: ModelSpec, layers: list[int], batch: Batch, keep: str, model: torch.nn.Module):
         n, width = batch.tokens.shape
+        param = next(model.parameters())
+        dtype = accumulation_dtype(param.dtype)
         self.spec, self.layers, self.keep = spec, layers, keep
-        self.mask = batch.key_mask().to(device)[:, None]
+        self.mask = batch.key_mask().to(param.device, dtype)[:, None]
         self.saved: dict[tuple[str, int], Tensor] = {}
         self.finite = True
-        self.norms = torch.zeros(n, len(layers), spec.n_heads)
-        self.pattern_norms = torch.zeros(n, len(layers), spec.n_heads)
+        self.norms = torch.zeros(n, len(layers), spec.n_heads, dtype=dtype)
+        self.pattern_norms = torch.zeros_like(self.norms)
         shape = (n, len(layers), spec.n_heads, width, width)
-        self.maps = torch.zeros(shape) if keep == "maps" else None
-        self.pattern = torch.zeros(shape) if keep == "maps" else None
+        self.maps = torch.zeros(shape, dtype=dtype) if keep == "maps" else None
+        self.pattern = torch.zeros(shape, dtype=dtype) if keep == "maps" else None
 
     def hooks(self) -> tuple[list, list]:
         fwd, bwd = [], []
@@ -213,7 +230,7 @@ class _LayerSink:
             v = self.saved.pop(("v", layer))
             self.finite &= bool(torch.isfinite(grad).all())
             ra = ra_from_parts(pattern, v, grad, self.spec.scales[layer]) * self.mask
-            forward = pattern.float() * self.mask
+            forward = pattern.to(self.mask.dtype) * self.mask
             self.norms[:, i] = ra.flatten(-2).norm(dim=-1).cpu()
             self.pattern_norms[:, i] = forward.flatten(-2).norm(dim=-1).cpu()
             if self.maps is not None:
@@ -233,9 +250,7 @@ def ra_pass(
     extra_hooks: Sequence = (),
 ) -> tuple[_LayerSink, Tensor]:
     """One forward and backward pass over ``batch``; returns the filled sink and the loss."""
-    from tl_reversed.backward import model_device
-
-    sink = _LayerSink(spec, layers, batch, keep, model_device(model))
+    sink = _LayerSink(spec, layers, batch, keep, model)
     fwd, bwd = sink.hooks()
     loss = forward_backward(model, batch, metric, fwd, bwd, extra_hooks)
     if not sink.finite:
@@ -283,10 +298,11 @@ def reversed_attention(
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
     n, width = batch.tokens.shape
-    norms = torch.zeros(n, len(chosen), spec.n_heads)
+    dtype = accumulation_dtype(next(model.parameters()).dtype)
+    norms = torch.zeros(n, len(chosen), spec.n_heads, dtype=dtype)
     pattern_norms = torch.zeros_like(norms)
-    loss = torch.zeros(n)
-    maps = torch.zeros(n, len(chosen), spec.n_heads, width, width) if keep == "maps" else None
+    loss = torch.zeros(n, dtype=dtype)
+    maps = torch.zeros(n, len(chosen), spec.n_heads, width, width, dtype=dtype) if keep == "maps" else None
     pattern = torch.zeros_like(maps) if maps is not None else None
     parts = chunks(batch, batch_size, same_length=metric is not None)
     show = len(parts) > 1 if progress is None else progress
@@ -295,7 +311,7 @@ def reversed_attention(
             sub = batch.rows(index)
             sink, sub_loss = ra_pass(model, spec, sub, metric, chosen, keep, extra_hooks)
             idx = torch.tensor(index)
-            norms[idx], pattern_norms[idx], loss[idx] = sink.norms, sink.pattern_norms, sub_loss
+            norms[idx], pattern_norms[idx], loss[idx] = sink.norms, sink.pattern_norms, sub_loss.to(dtype)
             if maps is not None:
                 w = sub.tokens.shape[1]
                 maps[idx, :, :, :w, :w] = sink.maps
