@@ -35,7 +35,7 @@ $(LEGACY)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/tl-reversed heads --prompt "The capital city of France is" --target " Paris"
+	$(VENV)/bin/tl-reversed demo --out out
 
 test: test-main test-legacy
 

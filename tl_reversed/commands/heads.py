@@ -31,7 +31,8 @@ def format_heads(result, top: int) -> str:
         up = ", ".join(repr(t) for t, _ in info["pushed_up"]) or "-"
         down = ", ".join(repr(t) for t, _ in info["pushed_down"]) or "-"
         query = f"{info['query_pos']}:{info['query_token']!r}"
-        rows.append(f"{rank:>4}  L{layer}H{head:<4} {info['ra_norm']:>9.4f} {fa:>8.3f}  {query:<16} up {up} | down {down}")
+        label = f"L{layer}H{head}"
+        rows.append(f"{rank:>4}  {label:<7} {info['ra_norm']:>9.4f} {fa:>8.3f}  {query:<16} up {up} | down {down}")
     return "\n".join(rows)
 
 
