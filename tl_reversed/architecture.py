@@ -51,7 +51,7 @@ def block_hook(layer: int, name: str) -> str:
 
 
 FINAL_NORM = "ln_final.hook_normalized"
-"""Output of the final norm, the input of the unembedding."""
+"""The final norm's normalised residual, before its elementwise weight (see ``final_norm``)."""
 
 _REQUIRED_ATTN_HOOKS = ("z", "v", "pattern")
 
@@ -188,3 +188,160 @@ def repeat_kv(v: torch.Tensor, n_heads: int) -> torch.Tensor:
 def bos_is_prepended(model: object) -> bool:
     """Whether ``model.to_tokens`` prepends a BOS token by default."""
     return bool(getattr(model.cfg, "default_prepend_bos", True))  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- backward lens
+
+FINAL_NORM_SCALE = "ln_final.hook_scale"
+"""The final norm's divisor ``[batch, pos, 1]``: the RMS (RMSNorm) or standard deviation (LayerNorm).
+
+On both model classes ``FINAL_NORM`` (``ln_final.hook_normalized``) is the normalised
+residual *before* the norm's elementwise weight: ``(x - mean) / scale`` or ``x / scale``.
+"""
+
+LENS_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+"""Block hooks whose gradient lives in the residual stream, readable through the unembedding."""
+
+WEIGHT_MATRICES = ("W_in", "W_gate", "W_out", "W_O")
+"""Weight matrices whose gradient :func:`weight_io` can rebuild from hooks (TransformerLens names)."""
+
+
+def mlp_hook(layer: int, name: str) -> str:
+    """Name of an MLP hook, e.g. ``mlp_hook(1, "post") == "blocks.1.mlp.hook_post"``."""
+    return f"blocks.{layer}.mlp.hook_{name}"
+
+
+@dataclass(frozen=True)
+class NormAffine:
+    """The input-independent part of a norm: ``y = gain * center(x) / scale(x) + bias``.
+
+    Attributes:
+        gain: the elementwise weight ``[d_model]`` as the model applies it (``1 + weight``
+            for Gemma's RMSNorm; ones for a norm without weight).
+        bias: the additive bias ``[d_model]`` (LayerNorm), or None.
+        centered: whether the norm subtracts the mean (LayerNorm) before scaling.
+    """
+
+    gain: torch.Tensor
+    bias: torch.Tensor | None
+    centered: bool
+
+
+def _hooked_norm_affine(module: torch.nn.Module, d_model: int) -> NormAffine:
+    """NormAffine of a HookedTransformer norm (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)."""
+    gain = getattr(module, "w", None)
+    bias = getattr(module, "b", None)
+    ref = next(iter(module.parameters()), None)
+    if gain is None:
+        gain = torch.ones(d_model, dtype=ref.dtype if ref is not None else torch.float32)
+    return NormAffine(
+        gain=gain.detach().clone(),
+        bias=None if bias is None else bias.detach().clone(),
+        centered="LayerNorm" in type(module).__name__,
+    )
+
+
+def _probe_norm_affine(module: torch.nn.Module, d_model: int, dtype: torch.dtype, device: torch.device) -> NormAffine:
+    """NormAffine of a Hugging Face norm module, measured by calling it on known inputs.
+
+    With ``x = 1000 * s`` for a sign pattern ``s`` of mean 0 and RMS 1, every norm of the
+    form ``gain * center(x) / scale(x) + bias`` sees the normalised input ``s`` (the eps is
+    negligible against 1e6), so ``f(x) - f(-x) = 2 gain * s`` and ``f(x) + f(-x) = 2 bias``;
+    adding a constant to ``x`` changes nothing only if the norm centres. This reads Gemma's
+    ``1 + weight``, weightless norms and LayerNorm biases without knowing the class.
+    """
+    if d_model % 2:
+        raise ValueError(f"cannot probe the final norm of a model with odd d_model={d_model}")
+    sign = torch.ones(d_model, dtype=dtype, device=device)
+    sign[1::2] = -1
+    x = 1000.0 * sign[None]
+    with torch.no_grad():
+        plus, minus = module(x)[0].double(), module(-x)[0].double()
+        shifted = module(x + 1000.0)[0].double()
+    gain = (plus - minus) / (2 * sign.double())
+    bias = (plus + minus) / 2
+    centered = bool(torch.allclose(shifted, plus, rtol=1e-3, atol=1e-3 * float(gain.abs().max())))
+    has_bias = bool(bias.abs().max() > 1e-6 * max(float(gain.abs().max()), 1.0))
+    return NormAffine(gain=gain.to(dtype), bias=bias.to(dtype) if has_bias else None, centered=centered)
+
+
+def _norm_affine(model: object, norm: torch.nn.Module) -> NormAffine:
+    d_model = int(model.cfg.d_model)  # type: ignore[attr-defined]
+    if not _is_bridge(model):
+        return _hooked_norm_affine(norm, d_model)
+    original = getattr(norm, "original_component", None)
+    if original is None:
+        raise TypeError(f"the norm {type(norm).__name__} wraps no Hugging Face module to read its weight from")
+    param = next(model.parameters())  # type: ignore[attr-defined]
+    return _probe_norm_affine(original, d_model, param.dtype, param.device)
+
+
+def final_norm(model: object) -> NormAffine:
+    """The elementwise gain, bias and centering of the model's final norm (``ln_final``)."""
+    module = getattr(model, "ln_final", None)
+    if module is None:
+        raise TypeError("this model has no ln_final: the backward lens needs a final norm before the unembedding")
+    return _norm_affine(model, module)
+
+
+def unembed_weight(model: object) -> torch.Tensor:
+    """The unembedding ``W_U`` ``[d_model, d_vocab]`` (detached), the same on both model classes."""
+    return model.W_U.detach()  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class WeightIO:
+    """Where to read a weight matrix's forward input and the gradient of its output.
+
+    ``grad(W) = sum over positions of input^T @ grad(output)`` (TransformerLens orientation
+    ``[d_in, d_out]``; for ``W_O`` the input is ``hook_z`` flattened to ``head * d_head``).
+
+    Attributes:
+        matrix: the TransformerLens name (``W_in``, ``W_gate``, ``W_out``, ``W_O``).
+        input_hook: forward hook holding the matrix's input.
+        grad_hook: hook whose gradient is the VJP at the matrix's output (biases do not matter).
+        input_norm: where ``input_hook`` is a norm's pre-weight output (HookedTransformer's
+            ``ln2.hook_normalized``), the affine part to apply to it; otherwise None.
+    """
+
+    matrix: str
+    input_hook: str
+    grad_hook: str
+    input_norm: NormAffine | None = None
+
+
+def weight_io(model: object, layer: int, matrix: str) -> WeightIO:
+    """The hooks that rebuild the gradient of one weight matrix of one layer.
+
+    On a TransformerBridge the MLP input is ``mlp.hook_in`` and the outputs of ``W_O`` and
+    ``W_out`` are ``attn.o.hook_out`` and ``mlp.out.hook_out`` (before any post-norm, as in
+    Gemma). On a HookedTransformer the MLP input is rebuilt from ``ln2.hook_normalized``
+    and the outputs are ``hook_attn_out`` / ``hook_mlp_out``, which models with post-norms
+    (``use_normalization_before_and_after``) do not expose.
+    """
+    if matrix not in WEIGHT_MATRICES:
+        raise ValueError(f"unknown matrix {matrix!r}: choose one of {WEIGHT_MATRICES}")
+    hook_names = model.hook_dict  # type: ignore[attr-defined]
+    gated = mlp_hook(layer, "pre_linear") in hook_names
+    bridge = _is_bridge(model)
+    if matrix == "W_gate" and not gated:
+        raise ValueError("this model's MLP is not gated: it has no W_gate; use W_in, W_out or W_O")
+    cfg = model.cfg  # type: ignore[attr-defined]
+    post_norms = not bridge and bool(getattr(cfg, "use_normalization_before_and_after", False))
+    if post_norms and matrix in ("W_O", "W_out"):
+        raise ValueError(
+            f"this HookedTransformer applies a norm after the {'attention' if matrix == 'W_O' else 'MLP'} "
+            f"output and has no hook before it, so the gradient of {matrix} cannot be read from hooks; "
+            "use a TransformerBridge (tl_reversed.load_model or TransformerBridge.boot_transformers)"
+        )
+    if matrix == "W_O":
+        grad = f"blocks.{layer}.attn.o.hook_out" if bridge else block_hook(layer, "attn_out")
+        return WeightIO(matrix, attn_hook(layer, "z"), grad)
+    if matrix == "W_out":
+        grad = f"blocks.{layer}.mlp.out.hook_out" if bridge else block_hook(layer, "mlp_out")
+        return WeightIO(matrix, mlp_hook(layer, "post"), grad)
+    grad = mlp_hook(layer, "pre" if matrix == "W_gate" or not gated else "pre_linear")
+    if bridge:
+        return WeightIO(matrix, mlp_hook(layer, "in"), grad)
+    ln2 = model.blocks[layer].ln2  # type: ignore[attr-defined]
+    return WeightIO(matrix, f"blocks.{layer}.ln2.hook_normalized", grad, _norm_affine(model, ln2))

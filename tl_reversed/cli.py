@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("heads", "demo")
+COMMANDS = ("heads", "demo", "lens")
 """Subcommand modules; each has ``add_parser(subparsers)`` and ``run(args) -> int``."""
 
 
