@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("heads", "demo", "lens")
+COMMANDS = ("heads", "demo", "lens", "perturbation", "patching")
 """Subcommand modules; each has ``add_parser(subparsers)`` and ``run(args) -> int``."""
 
 

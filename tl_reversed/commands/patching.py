@@ -1,0 +1,199 @@
+"""``tl-reversed patching``: attention patching (the paper's Table 13) for one task.
+
+For each shot count: take training prompts of one token length (the length with the
+most test prompts among those with enough training prompts), average their RA maps
+and their forward attention, add ``lr * maps`` to every head's attention while the
+model reads test prompts of that length, and measure top-1 accuracy for each lr of the
+paper's sweep. With ``--iterative``, also repeat the RA step (recompute RA under the
+current patch, add ``lr * RA``) and report accuracy after each step. Writes, under
+``--out``::
+
+    {task}_patching.csv     one row per shot count (the table)
+    {task}_sweep.csv        one row per (shots, source, lr): accuracy
+    {task}_iterative.csv    one row per (shots, step): accuracy, training loss (--iterative)
+    {task}_patching.md      the table, with the command that made it
+    {task}_sweep.png        accuracy against lr, one panel per shot count
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from tl_reversed.commands.common import add_model_argument
+from tl_reversed.commands.perturbation import command_line, int_list, markdown_table
+
+
+def float_list(text: str) -> list[float]:
+    """``"1,-10,-30"`` -> ``[1.0, -10.0, -30.0]``; ``"paper"`` -> the paper's sweep (argparse type)."""
+    from tl_reversed.attention_patching import PAPER_LRS
+
+    if text.strip().lower() == "paper":
+        return [float(lr) for lr in PAPER_LRS]
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,-10,-30 or 'paper', got {text!r}") from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "patching",
+        help="attention patching with averaged RA / forward-attention maps (the paper's Table 13)",
+        description="Average RA maps (and forward attention) over training prompts of one length, add "
+        "lr * maps to every head's attention on test prompts of that length, and report accuracy per lr; "
+        "--iterative also repeats the RA step under the current patch.",
+    )
+    parser.add_argument("--task", required=True, help="task name, e.g. capitalize (see tl_reversed.tasks.list_tasks())")
+    parser.add_argument("--shots", type=int_list, default=[0, 1, 5], help="shot counts (default 0,1,5)")
+    parser.add_argument("--iterative", action="store_true", help="also run iterative RA patching")
+    parser.add_argument("--n-train", type=int, default=25, help="training prompts of one length to average (default 25)")
+    parser.add_argument("--n-test", type=int, default=100, help="test prompts of that length, at most (default 100)")
+    parser.add_argument("--lrs", type=float_list, default=float_list("paper"), help="lr sweep, comma-separated, or 'paper' (default)")
+    parser.add_argument("--lr-ra", type=float, default=-30.0, help="the RA lr of the table (default -30, the paper's)")
+    parser.add_argument("--lr-fa", type=float, default=1.0, help="the forward-attention lr of the table (default +1, the paper's)")
+    parser.add_argument("--iter-lr", type=float, default=-10.0, help="lr of each iterative step (default -10)")
+    parser.add_argument("--steps", type=int, default=5, help="iterative steps (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the demonstrations")
+    parser.add_argument("--template", type=int, default=0, help="relation tasks: which prompt template (default 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    parser.add_argument("--out", default="out/patching", help="output folder (default out/patching)")
+    add_model_argument(parser)
+    return parser
+
+
+def pick_length(model, train, test, n_train: int, n_test: int):
+    """The prompt length with enough training prompts and the most test prompts.
+
+    Lengths are ranked by ``(min(train, n_train), min(test, n_test))``, ties to the shorter.
+    Returns the length and the two groups, cut to ``n_train`` and ``n_test``.
+    """
+    from tl_reversed.tasks import same_length_groups
+
+    train_groups = {g.length: g for g in same_length_groups(model, train)}
+    test_groups = {g.length: g for g in same_length_groups(model, test)}
+    common = sorted(set(train_groups) & set(test_groups))
+    if not common:
+        raise ValueError("no prompt length has both training and test prompts: try other shots or another seed")
+    length = max(common, key=lambda n: (min(len(train_groups[n]), n_train), min(len(test_groups[n]), n_test), -n))
+    return length, train_groups[length][:n_train], test_groups[length][:n_test]
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from tl_reversed import load_model
+    from tl_reversed.attention_patching import average_maps, evaluate_patching, iterative_patching
+    from tl_reversed.tasks import load_task, make_examples
+
+    task = load_task(args.task).name
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = load_model(args.model, device=args.device)
+    lrs = list(dict.fromkeys([*args.lrs, args.lr_ra, args.lr_fa, 0.0]))
+
+    rows, sweeps, iterations, panels = [], [], [], []
+    for shots in tqdm(args.shots, desc=f"patching {task}", unit="shot count"):
+        common = dict(shots=shots, seed=args.seed, model=model, template=args.template)
+        length, train, test = pick_length(
+            model, make_examples(task, split="train", **common), make_examples(task, split="test", **common), args.n_train, args.n_test
+        )
+        ra = evaluate_patching(
+            model, train, test, "ra", lrs, maps=average_maps(model, train, "ra", batch_size=args.batch_size), batch_size=args.batch_size
+        )
+        fa = evaluate_patching(
+            model, train, test, "fa", lrs, maps=average_maps(model, train, "fa", batch_size=args.batch_size), batch_size=args.batch_size
+        )
+        row = {
+            "task": task,
+            "shots": shots,
+            "length": length,
+            "n_train": len(train),
+            "n_test": len(test),
+            "original": ra.original,
+            "fa": fa.at(args.lr_fa),
+            "ra": ra.at(args.lr_ra),
+            "fa_best_lr": fa.best()[0],
+            "fa_best": fa.best()[1],
+            "ra_best_lr": ra.best()[0],
+            "ra_best": ra.best()[1],
+        }
+        sweeps += [s.to_dataframe().assign(task=task, shots=shots) for s in (ra, fa)]
+        iterative = None
+        if args.iterative:
+            iterative = iterative_patching(model, train, test, lr=args.iter_lr, steps=args.steps, batch_size=args.batch_size)
+            row.update(iterative_lr=args.iter_lr, iterative_steps=args.steps, iterative=iterative.accuracy[-1], iterative_best=max(iterative.accuracy))
+            iterations.append(iterative.to_dataframe().assign(task=task, shots=shots))
+        rows.append(row)
+        panels.append((shots, ra, fa, iterative))
+
+    table = pd.DataFrame(rows)
+    table.to_csv(out / f"{task}_patching.csv", index=False, float_format="%.4f")
+    pd.concat(sweeps, ignore_index=True)[["task", "shots", "source", "lr", "accuracy"]].to_csv(
+        out / f"{task}_sweep.csv", index=False, float_format="%.4f"
+    )
+    if iterations:
+        pd.concat(iterations, ignore_index=True)[["task", "shots", "step", "lr", "accuracy", "train_loss"]].to_csv(
+            out / f"{task}_iterative.csv", index=False, float_format="%.4f"
+        )
+    seconds = time.perf_counter() - start
+    markdown = patching_markdown(table, args)
+    (out / f"{task}_patching.md").write_text(
+        f"# Attention patching: {task}\n\n"
+        "Top-1 accuracy on test prompts of one length, with the mean map of training prompts of that length "
+        "added to every head's attention. *best lr* is the best of the sweep, chosen on the test prompts "
+        "(an optimistic upper bound, not a held-out result).\n\n"
+        f"{markdown}\n\nModel: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}; "
+        f"{seconds / 60:.1f} min.\n\n```bash\n{command_line()}\n```\n"
+    )
+    plot_sweeps(panels, task).savefig(out / f"{task}_sweep.png", dpi=110, bbox_inches="tight")
+    print(markdown)
+    print(f"wrote {out}/{task}_patching.csv, _sweep.csv, _patching.md, _sweep.png ({seconds / 60:.1f} min)")
+    return 0
+
+
+def patching_markdown(table, args: argparse.Namespace) -> str:
+    """Shot counts as rows: original, FA, RA (paper lrs), best lr of each, iterative RA."""
+    header = ["shots", "length", "train / test", "original", f"FA (lr {args.lr_fa:+g})", f"RA (lr {args.lr_ra:+g})", "FA best lr", "RA best lr"]
+    if "iterative" in table:
+        header.append(f"iterative RA (lr {args.iter_lr:+g}, {args.steps} steps; best step)")
+    rows = []
+    for _, r in table.iterrows():
+        row = [
+            int(r["shots"]),
+            int(r["length"]),
+            f"{int(r['n_train'])} / {int(r['n_test'])}",
+            f"{r['original']:.2f}",
+            f"{r['fa']:.2f}",
+            f"{r['ra']:.2f}",
+            f"{r['fa_best']:.2f} ({r['fa_best_lr']:+g})",
+            f"{r['ra_best']:.2f} ({r['ra_best_lr']:+g})",
+        ]
+        if "iterative" in table:
+            row.append(f"{r['iterative']:.2f} ({r['iterative_best']:.2f})")
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def plot_sweeps(panels, task: str):
+    """Accuracy against lr for RA and FA, one panel per shot count (iterative result as a line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False, sharey=True)
+    for ax, (shots, ra, fa, iterative) in zip(axes[0], panels):
+        ra.plot(ax=ax, color="C0")
+        ax.plot(fa.lrs, fa.accuracy, marker="s", color="C1", label="FA patch")
+        if iterative is not None:
+            ax.axhline(iterative.accuracy[-1], color="C2", linestyle="--", label=f"iterative RA ({len(iterative.accuracy) - 1} steps, lr {iterative.lr:g})")
+        ax.set_title(f"{task}, {shots}-shot (length {ra.length}, {ra.n_test} test)")
+        ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,206 @@
+"""``tl-reversed perturbation``: the paper's perturbation test (its Tables 5-12) for one task.
+
+For each shot count: score every head by each method on training prompts, then keep
+the top 0 %, 10 %, ..., 100 % of heads (the rest zeroed at ``hook_z``) on test prompts
+and measure top-1 accuracy; report the area under that curve in the ranking's own
+order and reversed. Writes, under ``--out``::
+
+    {task}_auc.csv        one row per (shots, method): AUC, reversed AUC, seconds
+    {task}_curves.csv     one row per (shots, method, direction, fraction): accuracy
+    {task}_scores.csv     one row per (shots, method, layer, head): score and rank
+    {task}_perturbation.md   the table, with the command that made it
+    {task}_curves.png     the curves, one panel per shot count
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from tl_reversed.commands.common import add_model_argument
+
+DEFAULT_METHODS = "ra,fa,cm1,cm2,atp,random,index"
+METHOD_NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP", "random": "Random", "index": "Index"}
+
+
+def int_list(text: str) -> list[int]:
+    """``"0,1,5"`` -> ``[0, 1, 5]`` (argparse type)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,5, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers like 0,1,5, got {text!r}")
+    return values
+
+
+def method_list(text: str) -> list[str]:
+    """``"ra,cm1"`` -> ``["ra", "cm1"]``, checked against the known methods (argparse type)."""
+    from tl_reversed.ranking import METHODS
+
+    values = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [v for v in values if v not in METHODS]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {unknown or text!r}; choose from {','.join(METHODS)}")
+    return values
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    """A GitHub Markdown table (numbers as given, already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The command as typed (program name shortened to ``tl-reversed``)."""
+    return " ".join(["tl-reversed", *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "perturbation",
+        help="perturbation test of head rankings (the paper's Tables 5-12)",
+        description="Rank heads by RA, forward attention, causal mediation (CM1, CM2), attribution "
+        "patching, random and layer order; keep the top 0-100%% of heads and measure accuracy; "
+        "report each ranking's AUC in its own order (higher is better) and reversed (lower is better).",
+    )
+    parser.add_argument("--task", required=True, help="task name, e.g. capitalize (see tl_reversed.tasks.list_tasks())")
+    parser.add_argument("--shots", type=int_list, default=[0, 1, 5, 10], help="shot counts (default 0,1,5,10)")
+    parser.add_argument("--methods", type=method_list, default=method_list(DEFAULT_METHODS), help=f"rankings (default {DEFAULT_METHODS})")
+    parser.add_argument("--n", type=int, default=50, help="test prompts for the perturbation curves (default 50)")
+    parser.add_argument("--n-score", type=int, default=25, help="training prompts the heads are scored on (default 25, as the paper)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, demonstrations, label shuffle and random order")
+    parser.add_argument("--template", type=int, default=0, help="relation tasks: which prompt template (default 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    parser.add_argument("--out", default="out/perturbation", help="output folder (default out/perturbation)")
+    add_model_argument(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from tl_reversed import load_model
+    from tl_reversed.perturbation import perturbation_test
+    from tl_reversed.ranking import head_scores
+    from tl_reversed.tasks import load_task, make_examples
+
+    task = load_task(args.task).name
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = load_model(args.model, device=args.device)
+
+    auc_rows, curve_frames, score_frames, notes = [], [], [], []
+    jobs = [(shots, method) for shots in args.shots for method in args.methods]
+    bar = tqdm(total=len(jobs), desc=f"perturbation {task}", unit="ranking")
+    for shots in args.shots:
+        common = dict(shots=shots, seed=args.seed, model=model, template=args.template)
+        train = make_examples(task, n=args.n_score, split="train", **common)
+        corrupted = make_examples(task, n=args.n_score, split="train", shuffle_labels=True, **common)
+        test = make_examples(task, n=args.n, split="test", **common)
+        if not len(train) or not len(test):
+            raise ValueError(f"{task} has no {shots}-shot examples with one-token targets for this model")
+        notes.append(f"{shots}-shot: {len(train)} scoring prompts, {len(test)} test prompts")
+        cache: dict = {}
+        for method in args.methods:
+            bar.set_postfix_str(f"{shots}-shot {method}")
+            scores = head_scores(model, train, method, corrupted=corrupted, seed=args.seed, batch_size=args.batch_size, progress=False)
+            results = [
+                perturbation_test(model, test, scores, reverse=reverse, batch_size=args.batch_size, progress=False, cache=cache)
+                for reverse in (False, True)
+            ]
+            auc_rows.append(
+                {
+                    "task": task,
+                    "shots": shots,
+                    "method": method,
+                    "auc": results[0].auc,
+                    "auc_reverse": results[1].auc,
+                    "accuracy_all_heads": results[0].accuracy[-1],
+                    "accuracy_no_heads": results[0].accuracy[0],
+                    "score_seconds": round(scores.seconds, 1),
+                    "n_score": len(train),
+                    "n_test": len(test),
+                }
+            )
+            curve_frames += [r.to_dataframe().assign(task=task, shots=shots) for r in results]
+            score_frames.append(scores.to_dataframe().assign(task=task, shots=shots))
+            bar.update()
+    bar.close()
+
+    aucs = pd.DataFrame(auc_rows)
+    curves = pd.concat(curve_frames, ignore_index=True)[["task", "shots", "method", "reverse", "fraction", "n_kept", "accuracy"]]
+    scores_table = pd.concat(score_frames, ignore_index=True)[["task", "shots", "method", "layer", "head", "score", "rank"]]
+    aucs.to_csv(out / f"{task}_auc.csv", index=False, float_format="%.4f")
+    curves.to_csv(out / f"{task}_curves.csv", index=False, float_format="%.4f")
+    scores_table.to_csv(out / f"{task}_scores.csv", index=False, float_format="%.6g")
+    seconds = time.perf_counter() - start
+    table = auc_markdown(aucs, args.shots, args.methods)
+    text = (
+        f"# Perturbation test: {task}\n\n"
+        f"AUC of top-1 accuracy while keeping the top 0-100% of heads (the rest zeroed at `hook_z`). "
+        f"↑: the ranking's own order (higher is better); ↓: reversed, least important first (lower is better).\n\n"
+        f"{table}\n\n"
+        f"Model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}; {'; '.join(notes)}; "
+        f"{seconds / 60:.1f} min.\n\n"
+        f"```bash\n{command_line()}\n```\n"
+    )
+    (out / f"{task}_perturbation.md").write_text(text)
+    plot_curves(curves, args.shots, task).savefig(out / f"{task}_curves.png", dpi=110, bbox_inches="tight")
+    print(table)
+    print(f"wrote {out}/{task}_auc.csv, _curves.csv, _scores.csv, _perturbation.md, _curves.png ({seconds / 60:.1f} min)")
+    return 0
+
+
+def auc_markdown(aucs, shots: list[int], methods: list[str]) -> str:
+    """Methods as rows; for each shot count the AUC (↑) and the reversed AUC (↓); best in bold."""
+    header = ["method"] + [f"{s}-shot {arrow}" for s in shots for arrow in ("↑", "↓")]
+    best = {}
+    for s in shots:
+        part = aucs[aucs["shots"] == s]
+        best[(s, "auc")] = part["auc"].max()
+        best[(s, "auc_reverse")] = part["auc_reverse"].min()
+    rows = []
+    for method in methods:
+        row: list[object] = [METHOD_NAMES.get(method, method)]
+        for s in shots:
+            hit = aucs[(aucs["shots"] == s) & (aucs["method"] == method)].iloc[0]
+            for column in ("auc", "auc_reverse"):
+                value = f"{hit[column]:.3f}"
+                row.append(f"**{value}**" if hit[column] == best[(s, column)] else value)
+        rows.append(row)
+    base = ["all heads (no mask)"] + [
+        f"{aucs[aucs['shots'] == s]['accuracy_all_heads'].iloc[0]:.2f}" if i == 0 else "" for s in shots for i in range(2)
+    ]
+    return markdown_table(header, rows + [base])
+
+
+def plot_curves(curves, shots: list[int], task: str):
+    """One panel per shot count: accuracy against share of heads kept, solid own order, dashed reversed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.6), squeeze=False, sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, s in zip(axes[0], shots):
+        part = curves[curves["shots"] == s]
+        for i, method in enumerate(dict.fromkeys(part["method"])):
+            for reverse, style in ((False, "-"), (True, "--")):
+                line = part[(part["method"] == method) & (part["reverse"] == reverse)]
+                label = METHOD_NAMES.get(method, method) + (" rev." if reverse else "")
+                ax.plot(line["fraction"], line["accuracy"], style, color=colours[i % len(colours)], marker=".", label=label)
+        ax.set_title(f"{task}, {s}-shot")
+        ax.set_xlabel("share of heads kept")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("top-1 accuracy")
+    axes[0][-1].legend(fontsize="x-small", ncol=2, loc="upper left")
+    fig.tight_layout()
+    return fig
