@@ -65,7 +65,6 @@ from tl_reversed.architecture import (
     FINAL_NORM_SCALE,
     LENS_SITES,
     WEIGHT_MATRICES,
-    ModelSpec,
     NormAffine,
     attn_hook,
     block_hook,
@@ -82,6 +81,7 @@ from tl_reversed.reversed_attention import (
     _LayerSink,
     _str_tokens,
     accumulation_dtype,
+    assemble,
     check_layers,
 )
 from tl_reversed.state import untouched
@@ -710,45 +710,7 @@ def _run(
     )
     if ra_keep is None:
         return lens
-    return LensAndRA(lens, _ra_result(spec, chosen, batch, loss, str_tokens, ra_keep, ra_sinks, dtype))
-
-
-def _ra_result(
-    spec: ModelSpec,
-    layers: list[int],
-    batch: Batch,
-    loss: Tensor,
-    str_tokens: list[list[str]],
-    keep: str,
-    sinks: list[tuple[Tensor, _LayerSink]],
-    dtype: torch.dtype,
-) -> ReversedAttention:
-    """The :class:`ReversedAttention` of the RA sinks filled chunk by chunk, as ``reversed_attention`` builds it."""
-    n, width = batch.tokens.shape
-    norms = torch.zeros(n, len(layers), spec.n_heads, dtype=dtype)
-    pattern_norms = torch.zeros_like(norms)
-    maps = torch.zeros(n, len(layers), spec.n_heads, width, width, dtype=dtype) if keep == "maps" else None
-    pattern = torch.zeros_like(maps) if maps is not None else None
-    for idx, sink in sinks:
-        norms[idx], pattern_norms[idx] = sink.norms, sink.pattern_norms
-        if maps is not None and pattern is not None:
-            w = sink.maps.shape[-1]  # type: ignore[union-attr]
-            maps[idx, :, :, :w, :w] = sink.maps
-            pattern[idx, :, :, :w, :w] = sink.pattern
-    return ReversedAttention(
-        norms=norms,
-        pattern_norms=pattern_norms,
-        loss=loss,
-        tokens=batch.tokens,
-        lengths=batch.lengths,
-        str_tokens=str_tokens,
-        layers=layers,
-        maps=maps,
-        pattern=pattern,
-        prompts=batch.prompts,
-        targets=batch.target_strings,
-        scales=spec.scales,
-    )
+    return LensAndRA(lens, assemble(model, spec, chosen, batch, loss, ra_keep, ra_sinks))
 
 
 def _vocab(model: object, out: _Collector) -> dict[int, str]:

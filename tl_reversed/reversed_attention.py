@@ -297,25 +297,41 @@ def reversed_attention(
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
-    n, width = batch.tokens.shape
     dtype = accumulation_dtype(next(model.parameters()).dtype)
-    norms = torch.zeros(n, len(chosen), spec.n_heads, dtype=dtype)
-    pattern_norms = torch.zeros_like(norms)
-    loss = torch.zeros(n, dtype=dtype)
-    maps = torch.zeros(n, len(chosen), spec.n_heads, width, width, dtype=dtype) if keep == "maps" else None
-    pattern = torch.zeros_like(maps) if maps is not None else None
+    loss = torch.zeros(len(batch), dtype=dtype)
+    sinks: list[tuple[Tensor, _LayerSink]] = []
     parts = chunks(batch, batch_size, same_length=metric is not None)
     show = len(parts) > 1 if progress is None else progress
     with untouched(model):
         for index in tqdm(parts, desc="reversed attention", disable=not show, leave=False):
-            sub = batch.rows(index)
-            sink, sub_loss = ra_pass(model, spec, sub, metric, chosen, keep, extra_hooks)
+            sink, sub_loss = ra_pass(model, spec, batch.rows(index), metric, chosen, keep, extra_hooks)
             idx = torch.tensor(index)
-            norms[idx], pattern_norms[idx], loss[idx] = sink.norms, sink.pattern_norms, sub_loss.to(dtype)
-            if maps is not None:
-                w = sub.tokens.shape[1]
-                maps[idx, :, :, :w, :w] = sink.maps
-                pattern[idx, :, :, :w, :w] = sink.pattern  # type: ignore[index]
+            loss[idx] = sub_loss.to(dtype)
+            sinks.append((idx, sink))
+    return assemble(model, spec, chosen, batch, loss, keep, sinks)
+
+
+def assemble(
+    model: object,
+    spec: ModelSpec,
+    layers: list[int],
+    batch: Batch,
+    loss: Tensor,
+    keep: str,
+    sinks: Sequence[tuple[Tensor, _LayerSink]],
+) -> ReversedAttention:
+    """The :class:`ReversedAttention` of a batch from the sinks its mini-batches filled."""
+    n, width = batch.tokens.shape
+    norms = torch.zeros(n, len(layers), spec.n_heads, dtype=loss.dtype)
+    pattern_norms = torch.zeros_like(norms)
+    maps = torch.zeros(n, len(layers), spec.n_heads, width, width, dtype=loss.dtype) if keep == "maps" else None
+    pattern = torch.zeros_like(maps) if maps is not None else None
+    for idx, sink in sinks:
+        norms[idx], pattern_norms[idx] = sink.norms, sink.pattern_norms
+        if maps is not None and pattern is not None:
+            w = sink.maps.shape[-1]  # type: ignore[union-attr]
+            maps[idx, :, :, :w, :w] = sink.maps
+            pattern[idx, :, :, :w, :w] = sink.pattern
     return ReversedAttention(
         norms=norms,
         pattern_norms=pattern_norms,
@@ -323,7 +339,7 @@ def reversed_attention(
         tokens=batch.tokens,
         lengths=batch.lengths,
         str_tokens=_str_tokens(model, batch),
-        layers=chosen,
+        layers=layers,
         maps=maps,
         pattern=pattern,
         prompts=batch.prompts,
