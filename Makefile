@@ -45,5 +45,11 @@ test-main: $(VENV)/.installed
 test-legacy: $(LEGACY)/.installed
 	TL_REVERSED_LEGACY=1 $(LEGACY)/bin/python -m pytest tests/test_core.py -m "not embedded and not bridge" $(PYTEST_ARGS)
 
+# Benchmarks (not part of `make test`): prints each figure beside its target and writes
+# docs/benchmarks-<device>.md and .json. `make bench BENCH_ARGS="--device cuda"` on a GPU.
+BENCH_ARGS ?=
+bench: $(VENV)/.installed
+	$(VENV)/bin/python -m benchmarks --out docs $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) $(LEGACY) out .pytest_cache

@@ -153,12 +153,22 @@ def target_loss(logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float
 
     Computed per example in float32 (float64 for float64 models) and never averaged over the batch, so a batch gives
     the same gradients, example by example, as one prompt at a time.
+
+    All target positions are picked with one indexing operation: indexing example by
+    example would make the backward pass add one logits-sized zero tensor per example
+    (quadratic in the batch size).
     """
-    losses = []
+    rows, cols, owner = [], [], []
     for i, target in enumerate(batch.targets):
         start = int(batch.prompt_lengths[i]) - 1
-        rows = logits[i, start : start + target.numel()]
-        rows = rows if rows.dtype == torch.float64 else rows.float()
-        logprobs = rows.log_softmax(-1)
-        losses.append(-logprobs.gather(-1, target.to(rows.device)[:, None]).sum())
-    return torch.stack(losses)
+        n = target.numel()
+        rows += [i] * n
+        cols += range(start, start + n)
+        owner += [i] * n
+    device = logits.device
+    picked = logits[torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device)]
+    picked = picked if picked.dtype == torch.float64 else picked.float()
+    ids = torch.cat([t.reshape(-1) for t in batch.targets]).to(device=device, dtype=torch.long)
+    chosen = picked.log_softmax(-1).gather(-1, ids[:, None])[:, 0]
+    losses = torch.zeros(len(batch.targets), dtype=picked.dtype, device=device)
+    return losses.index_add(0, torch.tensor(owner, dtype=torch.long, device=device), -chosen)

@@ -33,25 +33,44 @@ def hook_count(model: torch.nn.Module) -> int:
     return sum(sum(c[:2]) for c in _hook_handles(model).values())
 
 
+def _modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every module whose train/eval mode the model's ``train()`` sets.
+
+    A TransformerBridge keeps the wrapped Hugging Face model outside its module tree
+    (``original_model``) and its ``train()`` reaches it explicitly, so it is listed too.
+    """
+    roots = [model]
+    original = getattr(model, "original_model", None)
+    if isinstance(original, torch.nn.Module):
+        roots.append(original)
+    found: dict[int, torch.nn.Module] = {}
+    for root in roots:
+        for module in root.modules():
+            found.setdefault(id(module), module)
+    return list(found.values())
+
+
 @contextmanager
 def untouched(model: torch.nn.Module) -> Iterator[None]:
     """Run a block with frozen parameters in eval mode, then restore everything."""
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
-    modes = [(module, module.training) for module in model.modules()]
+    modes = [(module, module.training) for module in _modules(model)]
     before = _hook_handles(model)
     try:
         for p in params:
             p.requires_grad_(False)
-        model.eval()
+        if any(training for _, training in modes):  # eval() walks thousands of bridge modules: skip it when a no-op
+            model.eval()
         yield
     finally:
         for p, flag, grad in zip(params, flags, grads):
             p.requires_grad_(flag)
             p.grad = grad
         for module, training in modes:
-            module.training = training
+            if module.training != training:
+                module.training = training
         _remove_new_hooks(model, before)
 
 

@@ -1,0 +1,91 @@
+"""B2 head ranking: Reversed Attention against causal mediation and attribution patching.
+
+Workload: ``head_scores(model, examples, method)`` on the same 25 five-shot
+``capitalize`` examples of the embedded model (30 layers x 9 heads = 270 heads).
+
+* ``"ra"``: one forward and one backward pass per mini-batch (median of repeats).
+* ``"atp"``: two forwards and one backward (median of repeats).
+* ``"cm1"``: TransformerLens' activation patching, one forward per head plus a
+  baseline: 271 forwards of the 25 prompts.
+* ``"cm2"``: one clean forward for the mean activations, then 271 forwards.
+
+The two causal-mediation rankings take 10-25 minutes each on 2 CPU cores, more than the
+whole benchmark budget, so by default they are estimated: the median time of one
+forward of the 25 prompts with one head's ``hook_z`` zeroed, times the number of
+forwards ``head_scores`` makes. ``--full`` runs them for real, once each.
+
+Target: ``cm1 / ra >= 50``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import Context, Row, median_time, row, timed_once
+
+
+def _one_head_forward(ctx: Context, model, examples) -> dict:
+    """Median time of one forward of all examples with one head's ``hook_z`` zeroed."""
+    from tl_reversed.architecture import describe
+    from tl_reversed.evaluation import last_logits, prompt_batch
+    from tl_reversed.perturbation import mask_hooks
+    from tl_reversed.state import untouched
+
+    spec = describe(model)
+    batch = prompt_batch(model, examples)
+    mask = torch.ones(spec.n_layers, spec.n_heads)
+    mask[spec.n_layers // 2, 0] = 0.0
+
+    def forward():
+        with untouched(model):
+            last_logits(model, batch, mask_hooks(mask), batch_size=32)  # head_scores' default mini-batch
+
+    return median_time(ctx, forward, repeats=max(2, ctx.repeats // 2))
+
+
+def run(ctx: Context) -> list[Row]:
+    from tl_reversed.architecture import describe
+    from tl_reversed.ranking import head_scores
+
+    model = ctx.model()
+    spec = describe(model)
+    n_heads = spec.n_layers * spec.n_heads
+    examples = ctx.examples(4 if ctx.tiny else 25, shots=5)
+    n = len(examples)
+
+    def scores(method: str):
+        return lambda: head_scores(model, examples, method, progress=False)
+
+    ra = median_time(ctx, scores("ra"))
+    atp = median_time(ctx, scores("atp"), repeats=max(1, ctx.repeats // 2))
+    measured = ctx.full or ctx.tiny
+    if measured:
+        cm1, cm1_cpu = timed_once(ctx, scores("cm1"))
+        cm2, cm2_cpu = timed_once(ctx, scores("cm2"))
+        how = {"cm1": f"one call, {n_heads + 1} forwards", "cm2": f"one call, {n_heads + 2} forwards"}
+    else:
+        forward = _one_head_forward(ctx, model, examples)
+        cm1, cm1_cpu = forward["median"] * (n_heads + 1), forward["cpu"] * (n_heads + 1)
+        cm2, cm2_cpu = forward["median"] * (n_heads + 2), forward["cpu"] * (n_heads + 2)
+        base = f"one patched forward of the {n} prompts ({forward['median']:.2f} s)"
+        how = {
+            "cm1": f"estimated: {n_heads + 1} x {base}; --full runs it",
+            "cm2": f"estimated: {n_heads + 2} x {base}; --full runs it",
+        }
+    shape = f"{n} examples, {n_heads} heads"
+    return [
+        row("B2", "head_scores 'ra'", ra["median"], "s", note=f"{shape}; cpu {ra['cpu']:.1f} s", cpu_s=ra["cpu"]),
+        row("B2", "head_scores 'atp'", atp["median"], "s", note=f"{shape}; cpu {atp['cpu']:.1f} s", cpu_s=atp["cpu"]),
+        row("B2", "head_scores 'cm1'", cm1, "s", note=how["cm1"], estimated=not measured, cpu_s=cm1_cpu),
+        row("B2", "head_scores 'cm2'", cm2, "s", note=how["cm2"], estimated=not measured, cpu_s=cm2_cpu),
+        row(
+            "B2",
+            "speed-up of RA over cm1",
+            cm1 / ra["median"],
+            "x",
+            ">= 50",
+            note=f"in CPU time {cm1_cpu / ra['cpu']:.0f}x" + ("" if measured else " (estimated cm1)"),
+        ),
+        row("B2", "speed-up of RA over cm2", cm2 / ra["median"], "x"),
+        row("B2", "speed-up of RA over atp", atp["median"] / ra["median"], "x"),
+    ]

@@ -1,0 +1,46 @@
+"""B3 batching: Reversed Attention throughput by batch size, against a one-prompt loop.
+
+Workload: 64 five-shot ``capitalize`` prompts with their targets (16 with ``--quick``).
+
+* ``batch_size=b`` for b in 1, 4, 16, 64: one ``reversed_attention(..., keep="norms",
+  batch_size=b)`` call over all prompts (right padding inside each mini-batch).
+* loop: one ``reversed_attention(prompt, target)`` call per prompt keeping the maps,
+  then their norms, as the paper's code does (a prompt at a time).
+
+Figures are prompts per second (the median of repeats of the whole set).
+"""
+
+from __future__ import annotations
+
+from benchmarks.common import Context, Row, median_time, row
+
+
+def run(ctx: Context) -> list[Row]:
+    from tl_reversed import reversed_attention
+
+    model = ctx.model()
+    n = 8 if ctx.tiny else (16 if ctx.quick else 64)
+    examples = ctx.examples(n, shots=5)
+    prompts, targets = list(examples.prompts), list(examples.targets)
+    sizes = [b for b in (1, 4, 16, 64) if b <= n] if not ctx.tiny else [1, 4, 8]
+    repeats = 1 if ctx.quick else min(3, ctx.repeats)
+
+    def batched(size: int):
+        return lambda: reversed_attention(model, prompts, targets, keep="norms", batch_size=size, progress=False)
+
+    def loop():
+        for prompt, target in zip(prompts, targets):
+            result = reversed_attention(model, prompt, target, keep="maps", progress=False)
+            result.maps.flatten(-2).norm(dim=-1)
+
+    reversed_attention(model, prompts[:2], targets[:2], keep="norms", progress=False)  # warm-up
+    rows = []
+    loop_s = median_time(ctx, loop, repeats=repeats, warmup=0)["median"]
+    rows.append(row("B3", "loop, one prompt per call (maps)", n / loop_s, "prompts/s", note=f"{n} prompts"))
+    best = 0.0
+    for size in sizes:
+        seconds = median_time(ctx, batched(size), repeats=repeats, warmup=0)["median"]
+        best = max(best, n / seconds)
+        rows.append(row("B3", f"batch_size={size} (norms)", n / seconds, "prompts/s", note=f"{n} prompts"))
+    rows.append(row("B3", "best batched throughput / loop", best * loop_s / n, "x"))
+    return rows
