@@ -103,19 +103,30 @@ def format_row(r: Row) -> str:
     return f"   {r.bench} {r.name:<52} {_fmt(r.value):>9} {r.unit:<10}{target}{note}"
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(data: dict) -> str:
+    """The results table, then one line per benchmark: when, how and on what it ran."""
+    meta = data["last_run"]
+    machine = meta["machine"]
     lines = [
-        f"Device: {meta['device']} ({meta['machine'].get('gpu') or meta['machine']['cpu']}, "
-        f"{meta['machine']['cores']} cores, {meta['machine']['torch_threads']} torch threads). "
-        f"Command: `{meta['command']}`.",
+        f"Device: {meta['device']} ({machine.get('gpu') or machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['torch_threads']} torch threads).",
         "",
         "| | measured | value | target | met | note |",
         "|---|---|---:|---|---|---|",
     ]
-    for r in rows:
+    for r in data["rows"]:
         met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
         lines.append(
             f"| {r['bench']} | {r['name']} | {_fmt(r['value'])} {r['unit']} | {r['target']} | {met} | {r['note']} |"
+        )
+    lines += ["", "| | run | command | load average at start | wall | CPU |", "|---|---|---|---:|---:|---:|"]
+    for bench in sorted(data["benchmarks"], key=lambda b: int(b[1:])):
+        b = data["benchmarks"][bench]
+        run_meta = b.get("meta", {})
+        load = run_meta.get("machine", {}).get("load_average_at_start")
+        lines.append(
+            f"| {bench} | {b.get('finished', '')} | `{run_meta.get('command', '')}` | "
+            f"{'' if load is None else f'{load:.1f}'} | {b['seconds']:.0f} s | {b.get('cpu_seconds', float('nan')):.0f} s |"
         )
     return "\n".join(lines) + "\n"
 
@@ -132,7 +143,7 @@ def write(out: Path, device: str, rows: list[Row], status: dict, meta: dict) -> 
     data = {"rows": merged, "benchmarks": benchmarks, "last_run": meta}
     path.write_text(json.dumps(data, indent=1))
     md = path.with_suffix(".md")
-    md.write_text(markdown(merged, meta))
+    md.write_text(markdown(data))
     return path, md
 
 

@@ -160,3 +160,34 @@ def test_cli_table_has_each_method_and_its_reverse_with_the_best_in_bold():
     args = build_parser().parse_args(["perturbation", "--task", "capitalize", "--shots", "1,5"])
     assert args.shots == [1, 5] and args.methods == ["ra", "fa", "cm1", "cm2", "atp", "random", "index"]
     assert args.n == 50 and args.n_score == 25
+
+
+def test_checkpoint_resumes_only_units_made_with_the_same_settings(tmp_path):
+    from tl_reversed.commands.perturbation import Checkpoint
+
+    first = Checkpoint(tmp_path, "capitalize_perturbation", {"n": 30, "seed": 0})
+    first.save("5-shot_ra", {"auc": 0.25, "curves": [1, 2]})
+    assert Checkpoint(tmp_path, "capitalize_perturbation", {"n": 30, "seed": 0}).load("5-shot_ra") == {"auc": 0.25, "curves": [1, 2]}
+    assert Checkpoint(tmp_path, "capitalize_perturbation", {"n": 30, "seed": 1}).load("5-shot_ra") is None
+    assert Checkpoint(tmp_path, "capitalize_perturbation", {"n": 30, "seed": 0}, enabled=False).load("5-shot_ra") is None
+    assert first.load("1-shot_ra") is None
+    first.clear()
+    assert not (tmp_path / ".partial").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "neox"])
+def test_last_logits_unembeds_only_the_last_token_and_matches_the_full_logits(arch):
+    from tl_reversed.architecture import last_position_hook
+    from tl_reversed.evaluation import last_logits
+
+    model = make_tiny(arch)
+    batch = prompt_batch(model, (PROMPTS, [" x"] * len(PROMPTS)))
+    with torch.no_grad():
+        full = model(batch.tokens)
+        only_last = last_position_hook(model, batch.last)
+        assert only_last is not None
+        assert model.run_with_hooks(batch.tokens, fwd_hooks=[only_last]).shape == (len(PROMPTS), 1, model.cfg.d_vocab)
+    expected = full[torch.arange(len(PROMPTS)), batch.last]
+    for batch_size in (None, 4, 1):  # one hook, re-pointed at each mini-batch's last tokens
+        torch.testing.assert_close(last_logits(model, batch, batch_size=batch_size), expected, atol=1e-5, rtol=1e-5)
+    assert hook_count(model) == 0

@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_reversed.architecture import describe
+from tl_reversed.architecture import describe, last_position_hook
 from tl_reversed.backward import model_device
 from tl_reversed.inputs import tokenize
 
@@ -133,16 +133,30 @@ def last_logits(
     """
     device = model_device(model)
     out: Tensor | None = None
-    with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):  # type: ignore[operator]
+    # unembed only the last prompt token of each row (added after the caller's hooks)
+    only_last = last_position_hook(model, batch.last)
+    with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, *([only_last] if only_last else [])]):  # type: ignore[operator]
         for index in tqdm(batch.chunks(batch_size), desc="forward", disable=not progress, leave=False):
             sub = batch.rows(index)
-            logits = model(sub.tokens.to(device))
-            rows = logits[torch.arange(len(sub), device=logits.device), sub.last.to(logits.device)].float().cpu()
+            if only_last:
+                only_last[1].last = sub.last
+            rows = at_last(model(sub.tokens.to(device)), sub).float().cpu()
             if out is None:
                 out = torch.empty(len(batch), rows.shape[-1])
             out[torch.as_tensor(index)] = rows
     assert out is not None
     return out
+
+
+def at_last(logits: Float[Tensor, "batch pos d_vocab"], batch: PromptBatch) -> Float[Tensor, "batch d_vocab"]:
+    """Each row's logits at its last prompt token.
+
+    Also takes the ``[batch, 1, d_vocab]`` logits of a run under
+    :func:`tl_reversed.architecture.last_position_hook`, which hold that position alone.
+    """
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    return logits[torch.arange(len(batch), device=logits.device), batch.last.to(logits.device)]
 
 
 def correct(logits: Float[Tensor, "batch d_vocab"], batch: PromptBatch) -> Bool[Tensor, " batch"]:

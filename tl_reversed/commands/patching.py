@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from tl_reversed.commands.common import add_model_argument
-from tl_reversed.commands.perturbation import command_line, int_list, markdown_table
+from tl_reversed.commands.perturbation import Checkpoint, command_line, int_list, markdown_table
 
 
 def float_list(text: str) -> list[float]:
@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="attention patching with averaged RA / forward-attention maps (the paper's Table 13)",
         description="Average RA maps (and forward attention) over training prompts of one length, add "
         "lr * maps to every head's attention on test prompts of that length, and report accuracy per lr; "
-        "--iterative also repeats the RA step under the current patch.",
+        "--iterative also repeats the RA step under the current patch. Each finished sweep is saved under "
+        "OUT/.partial/, so a killed run resumes where it stopped.",
     )
     parser.add_argument("--task", required=True, help="task name, e.g. capitalize (see tl_reversed.tasks.list_tasks())")
     parser.add_argument("--shots", type=int_list, default=[0, 1, 5], help="shot counts (default 0,1,5)")
@@ -59,6 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--template", type=int, default=0, help="relation tasks: which prompt template (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     parser.add_argument("--out", default="out/patching", help="output folder (default out/patching)")
+    parser.add_argument("--no-resume", action="store_true", help="recompute steps saved by an interrupted run")
     add_model_argument(parser)
     return parser
 
@@ -85,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from tl_reversed import load_model
-    from tl_reversed.attention_patching import average_maps, evaluate_patching, iterative_patching
     from tl_reversed.tasks import load_task, make_examples
 
     task = load_task(args.task).name
@@ -93,55 +94,63 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    model = load_model(args.model, device=args.device)
     lrs = list(dict.fromkeys([*args.lrs, args.lr_ra, args.lr_fa, 0.0]))
+    settings = {k: getattr(args, k) for k in ("model", "n_train", "n_test", "seed", "template", "batch_size")}
+    checkpoint = Checkpoint(out, f"{task}_patching", {"task": task, "lrs": lrs, "iter_lr": args.iter_lr, "steps": args.steps, **settings}, enabled=not args.no_resume)
+    model = load_model(args.model, device=args.device)
 
-    rows, sweeps, iterations, panels = [], [], [], []
-    for shots in tqdm(args.shots, desc=f"patching {task}", unit="shot count"):
+    rows, sweeps, iterations, seconds = [], [], [], 0.0
+    parts = ["ra", "fa"] + (["iterative"] if args.iterative else [])
+    bar = tqdm(total=len(args.shots) * len(parts), desc=f"patching {task}", unit="step")
+    for shots in args.shots:
         common = dict(shots=shots, seed=args.seed, model=model, template=args.template)
         length, train, test = pick_length(
             model, make_examples(task, split="train", **common), make_examples(task, split="test", **common), args.n_train, args.n_test
         )
-        ra = evaluate_patching(
-            model, train, test, "ra", lrs, maps=average_maps(model, train, "ra", batch_size=args.batch_size), batch_size=args.batch_size
-        )
-        fa = evaluate_patching(
-            model, train, test, "fa", lrs, maps=average_maps(model, train, "fa", batch_size=args.batch_size), batch_size=args.batch_size
-        )
+        units = {}
+        for part in parts:
+            bar.set_postfix_str(f"{shots}-shot {part}")
+            key = f"{shots}-shot_{part}"
+            unit = checkpoint.load(key)
+            if unit is None:
+                unit = _patching_unit(model, part, train, test, lrs, args)
+                checkpoint.save(key, unit)
+            units[part] = unit
+            seconds += unit["seconds"]
+            bar.update()
+        ra, fa = units["ra"], units["fa"]
         row = {
             "task": task,
             "shots": shots,
             "length": length,
             "n_train": len(train),
             "n_test": len(test),
-            "original": ra.original,
-            "fa": fa.at(args.lr_fa),
-            "ra": ra.at(args.lr_ra),
-            "fa_best_lr": fa.best()[0],
-            "fa_best": fa.best()[1],
-            "ra_best_lr": ra.best()[0],
-            "ra_best": ra.best()[1],
+            "original": ra["original"],
+            "fa": _at(fa, args.lr_fa),
+            "ra": _at(ra, args.lr_ra),
+            "fa_best_lr": _best(fa)[0],
+            "fa_best": _best(fa)[1],
+            "ra_best_lr": _best(ra)[0],
+            "ra_best": _best(ra)[1],
         }
-        sweeps += [s.to_dataframe().assign(task=task, shots=shots) for s in (ra, fa)]
-        iterative = None
+        sweeps += [{"task": task, "shots": shots, "source": part, "lr": lr, "accuracy": acc} for part in ("ra", "fa") for lr, acc in zip(units[part]["lrs"], units[part]["accuracy"])]
         if args.iterative:
-            iterative = iterative_patching(model, train, test, lr=args.iter_lr, steps=args.steps, batch_size=args.batch_size)
-            row.update(iterative_lr=args.iter_lr, iterative_steps=args.steps, iterative=iterative.accuracy[-1], iterative_best=max(iterative.accuracy))
-            iterations.append(iterative.to_dataframe().assign(task=task, shots=shots))
+            it = units["iterative"]
+            row.update(iterative_lr=args.iter_lr, iterative_steps=args.steps, iterative=it["accuracy"][-1], iterative_best=max(it["accuracy"]))
+            iterations += [
+                {"task": task, "shots": shots, "step": step, "lr": args.iter_lr, "accuracy": acc, "train_loss": loss}
+                for step, (acc, loss) in enumerate(zip(it["accuracy"], it["train_loss"]))
+            ]
         rows.append(row)
-        panels.append((shots, ra, fa, iterative))
+    bar.close()
 
     table = pd.DataFrame(rows)
+    sweep_table = pd.DataFrame(sweeps)
+    iterative_table = pd.DataFrame(iterations)
     table.to_csv(out / f"{task}_patching.csv", index=False, float_format="%.4f")
-    pd.concat(sweeps, ignore_index=True)[["task", "shots", "source", "lr", "accuracy"]].to_csv(
-        out / f"{task}_sweep.csv", index=False, float_format="%.4f"
-    )
+    sweep_table.to_csv(out / f"{task}_sweep.csv", index=False, float_format="%.4f")
     if iterations:
-        pd.concat(iterations, ignore_index=True)[["task", "shots", "step", "lr", "accuracy", "train_loss"]].to_csv(
-            out / f"{task}_iterative.csv", index=False, float_format="%.4f"
-        )
-    seconds = time.perf_counter() - start
+        iterative_table.to_csv(out / f"{task}_iterative.csv", index=False, float_format="%.4f")
     markdown = patching_markdown(table, args)
     (out / f"{task}_patching.md").write_text(
         f"# Attention patching: {task}\n\n"
@@ -149,12 +158,37 @@ def run(args: argparse.Namespace) -> int:
         "added to every head's attention. *best lr* is the best of the sweep, chosen on the test prompts "
         "(an optimistic upper bound, not a held-out result).\n\n"
         f"{markdown}\n\nModel: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}; "
-        f"{seconds / 60:.1f} min.\n\n```bash\n{command_line()}\n```\n"
+        f"{seconds / 60:.1f} min of patching runs.\n\n```bash\n{command_line()}\n```\n"
     )
-    plot_sweeps(panels, task).savefig(out / f"{task}_sweep.png", dpi=110, bbox_inches="tight")
+    plot_sweeps(table, sweep_table, iterative_table, task).savefig(out / f"{task}_sweep.png", dpi=110, bbox_inches="tight")
+    checkpoint.clear()
     print(markdown)
     print(f"wrote {out}/{task}_patching.csv, _sweep.csv, _patching.md, _sweep.png ({seconds / 60:.1f} min)")
     return 0
+
+
+def _patching_unit(model, part: str, train, test, lrs: list[float], args: argparse.Namespace) -> dict:
+    """One checkpoint unit: the RA sweep, the FA sweep or the iterative run of one shot count."""
+    from tl_reversed.attention_patching import average_maps, evaluate_patching, iterative_patching
+
+    start = time.perf_counter()
+    if part == "iterative":
+        result = iterative_patching(model, train, test, lr=args.iter_lr, steps=args.steps, batch_size=args.batch_size)
+        return {"accuracy": result.accuracy, "train_loss": result.train_loss, "seconds": time.perf_counter() - start}
+    maps = average_maps(model, train, part, batch_size=args.batch_size)
+    sweep = evaluate_patching(model, train, test, part, lrs, maps=maps, batch_size=args.batch_size)
+    return {"lrs": sweep.lrs, "accuracy": sweep.accuracy, "original": sweep.original, "seconds": time.perf_counter() - start}
+
+
+def _at(unit: dict, lr: float) -> float:
+    return unit["accuracy"][unit["lrs"].index(float(lr))]
+
+
+def _best(unit: dict) -> tuple[float, float]:
+    """Best lr of a sweep; on ties the one closest to 0, then the first (as ``PatchingSweep.best``)."""
+    lrs, acc = unit["lrs"], unit["accuracy"]
+    i = max(range(len(lrs)), key=lambda j: (acc[j], -abs(lrs[j]), -j))
+    return lrs[i], acc[i]
 
 
 def patching_markdown(table, args: argparse.Namespace) -> str:
@@ -180,20 +214,27 @@ def patching_markdown(table, args: argparse.Namespace) -> str:
     return markdown_table(header, rows)
 
 
-def plot_sweeps(panels, task: str):
+def plot_sweeps(table, sweeps, iterations, task: str):
     """Accuracy against lr for RA and FA, one panel per shot count (iterative result as a line)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False, sharey=True)
-    for ax, (shots, ra, fa, iterative) in zip(axes[0], panels):
-        ra.plot(ax=ax, color="C0")
-        ax.plot(fa.lrs, fa.accuracy, marker="s", color="C1", label="FA patch")
-        if iterative is not None:
-            ax.axhline(iterative.accuracy[-1], color="C2", linestyle="--", label=f"iterative RA ({len(iterative.accuracy) - 1} steps, lr {iterative.lr:g})")
-        ax.set_title(f"{task}, {shots}-shot (length {ra.length}, {ra.n_test} test)")
+    fig, axes = plt.subplots(1, len(table), figsize=(4.5 * len(table), 3.6), squeeze=False, sharey=True)
+    for ax, (_, row) in zip(axes[0], table.iterrows()):
+        shots = row["shots"]
+        for source, colour, marker in (("ra", "C0", "o"), ("fa", "C1", "s")):
+            part = sweeps[(sweeps["shots"] == shots) & (sweeps["source"] == source)]
+            ax.plot(part["lr"], part["accuracy"], marker=marker, color=colour, label=f"{source.upper()} patch")
+        ax.axhline(row["original"], color="grey", linestyle=":", label="no patch")
+        if "iterative" in table:
+            ax.axhline(row["iterative"], color="C2", linestyle="--", label=f"iterative RA ({int(row['iterative_steps'])} steps, lr {row['iterative_lr']:g})")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("lr")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{task}, {shots}-shot (length {int(row['length'])}, {int(row['n_test'])} test)")
         ax.legend(fontsize="x-small")
+    axes[0][0].set_ylabel("top-1 accuracy")
     fig.tight_layout()
     return fig

@@ -15,6 +15,7 @@ order and reversed. Writes, under ``--out``::
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -60,13 +61,55 @@ def command_line() -> str:
     return " ".join(["tl-reversed", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
+class Checkpoint:
+    """Finished units of a long command, kept under ``OUT/.partial/`` until the command completes.
+
+    A rerun with the same settings (every argument that changes a number) skips the units
+    already done, so a killed run resumes where it stopped. Each unit is computed
+    independently, so a resumed run writes the same numbers as an uninterrupted one.
+    """
+
+    def __init__(self, out: Path, name: str, settings: dict, enabled: bool = True):
+        self.folder = out / ".partial" / name
+        self.settings = settings
+        self.enabled = enabled
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def load(self, key: str) -> dict | None:
+        """The saved unit, if there is one made with the same settings."""
+        path = self._path(key)
+        if not self.enabled or not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        return record["payload"] if record.get("settings") == self.settings else None
+
+    def save(self, key: str, payload: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self._path(key).with_suffix(".tmp")
+        partial.write_text(json.dumps({"settings": self.settings, "payload": payload}))
+        partial.replace(self._path(key))
+
+    def clear(self) -> None:
+        """Remove the units once the final outputs are written."""
+        if self.folder.exists():
+            for path in self.folder.glob("*.json"):
+                path.unlink()
+            self.folder.rmdir()
+        for parent in (self.folder.parent,):
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "perturbation",
         help="perturbation test of head rankings (the paper's Tables 5-12)",
         description="Rank heads by RA, forward attention, causal mediation (CM1, CM2), attribution "
         "patching, random and layer order; keep the top 0-100%% of heads and measure accuracy; "
-        "report each ranking's AUC in its own order (higher is better) and reversed (lower is better).",
+        "report each ranking's AUC in its own order (higher is better) and reversed (lower is better). "
+        "Each finished ranking is saved under OUT/.partial/, so a killed run resumes where it stopped.",
     )
     parser.add_argument("--task", required=True, help="task name, e.g. capitalize (see tl_reversed.tasks.list_tasks())")
     parser.add_argument("--shots", type=int_list, default=[0, 1, 5, 10], help="shot counts (default 0,1,5,10)")
@@ -77,6 +120,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--template", type=int, default=0, help="relation tasks: which prompt template (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     parser.add_argument("--out", default="out/perturbation", help="output folder (default out/perturbation)")
+    parser.add_argument("--no-resume", action="store_true", help="recompute rankings saved by an interrupted run")
     add_model_argument(parser)
     return parser
 
@@ -93,12 +137,12 @@ def run(args: argparse.Namespace) -> int:
     task = load_task(args.task).name
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    settings = {k: getattr(args, k) for k in ("model", "n", "n_score", "seed", "template", "batch_size")}
+    checkpoint = Checkpoint(out, f"{task}_perturbation", {"task": task, **settings}, enabled=not args.no_resume)
     model = load_model(args.model, device=args.device)
 
-    auc_rows, curve_frames, score_frames, notes = [], [], [], []
-    jobs = [(shots, method) for shots in args.shots for method in args.methods]
-    bar = tqdm(total=len(jobs), desc=f"perturbation {task}", unit="ranking")
+    units, notes = [], []
+    bar = tqdm(total=len(args.shots) * len(args.methods), desc=f"perturbation {task}", unit="ranking")
     for shots in args.shots:
         common = dict(shots=shots, seed=args.seed, model=model, template=args.template)
         train = make_examples(task, n=args.n_score, split="train", **common)
@@ -110,37 +154,22 @@ def run(args: argparse.Namespace) -> int:
         cache: dict = {}
         for method in args.methods:
             bar.set_postfix_str(f"{shots}-shot {method}")
-            scores = head_scores(model, train, method, corrupted=corrupted, seed=args.seed, batch_size=args.batch_size, progress=False)
-            results = [
-                perturbation_test(model, test, scores, reverse=reverse, batch_size=args.batch_size, progress=False, cache=cache)
-                for reverse in (False, True)
-            ]
-            auc_rows.append(
-                {
-                    "task": task,
-                    "shots": shots,
-                    "method": method,
-                    "auc": results[0].auc,
-                    "auc_reverse": results[1].auc,
-                    "accuracy_all_heads": results[0].accuracy[-1],
-                    "accuracy_no_heads": results[0].accuracy[0],
-                    "score_seconds": round(scores.seconds, 1),
-                    "n_score": len(train),
-                    "n_test": len(test),
-                }
-            )
-            curve_frames += [r.to_dataframe().assign(task=task, shots=shots) for r in results]
-            score_frames.append(scores.to_dataframe().assign(task=task, shots=shots))
+            key = f"{shots}-shot_{method}"
+            unit = checkpoint.load(key)
+            if unit is None:
+                unit = _ranking_unit(model, task, shots, method, train, corrupted, test, args, cache, head_scores, perturbation_test)
+                checkpoint.save(key, unit)
+            units.append(unit)
             bar.update()
     bar.close()
 
-    aucs = pd.DataFrame(auc_rows)
-    curves = pd.concat(curve_frames, ignore_index=True)[["task", "shots", "method", "reverse", "fraction", "n_kept", "accuracy"]]
-    scores_table = pd.concat(score_frames, ignore_index=True)[["task", "shots", "method", "layer", "head", "score", "rank"]]
+    aucs = pd.DataFrame([u["auc"] for u in units])
+    curves = pd.DataFrame([row for u in units for row in u["curves"]])
+    scores_table = pd.DataFrame([row for u in units for row in u["scores"]])
+    seconds = sum(u["seconds"] for u in units)
     aucs.to_csv(out / f"{task}_auc.csv", index=False, float_format="%.4f")
     curves.to_csv(out / f"{task}_curves.csv", index=False, float_format="%.4f")
     scores_table.to_csv(out / f"{task}_scores.csv", index=False, float_format="%.6g")
-    seconds = time.perf_counter() - start
     table = auc_markdown(aucs, args.shots, args.methods)
     text = (
         f"# Perturbation test: {task}\n\n"
@@ -148,14 +177,51 @@ def run(args: argparse.Namespace) -> int:
         f"↑: the ranking's own order (higher is better); ↓: reversed, least important first (lower is better).\n\n"
         f"{table}\n\n"
         f"Model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}; {'; '.join(notes)}; "
-        f"{seconds / 60:.1f} min.\n\n"
+        f"{seconds / 60:.1f} min of scoring and curves.\n\n"
         f"```bash\n{command_line()}\n```\n"
     )
     (out / f"{task}_perturbation.md").write_text(text)
     plot_curves(curves, args.shots, task).savefig(out / f"{task}_curves.png", dpi=110, bbox_inches="tight")
+    checkpoint.clear()
     print(table)
     print(f"wrote {out}/{task}_auc.csv, _curves.csv, _scores.csv, _perturbation.md, _curves.png ({seconds / 60:.1f} min)")
     return 0
+
+
+def _ranking_unit(model, task, shots, method, train, corrupted, test, args, cache, head_scores, perturbation_test) -> dict:
+    """Score the heads by one method and run its perturbation curves both ways (one checkpoint unit)."""
+    start = time.perf_counter()
+    scores = head_scores(model, train, method, corrupted=corrupted, seed=args.seed, batch_size=args.batch_size, progress=False)
+    results = [
+        perturbation_test(model, test, scores, reverse=reverse, batch_size=args.batch_size, progress=False, cache=cache)
+        for reverse in (False, True)
+    ]
+    auc = {
+        "task": task,
+        "shots": shots,
+        "method": method,
+        "auc": results[0].auc,
+        "auc_reverse": results[1].auc,
+        "accuracy_all_heads": results[0].accuracy[-1],
+        "accuracy_no_heads": results[0].accuracy[0],
+        "score_seconds": round(scores.seconds, 1),
+        "n_score": len(train),
+        "n_test": len(test),
+    }
+    columns = ["task", "shots", "method", "reverse", "fraction", "n_kept", "accuracy"]
+    curves = pd_records(
+        [r.to_dataframe().assign(task=task, shots=shots) for r in results], columns
+    )
+    score_rows = pd_records([scores.to_dataframe().assign(task=task, shots=shots)], ["task", "shots", "method", "layer", "head", "score", "rank"])
+    return {"auc": auc, "curves": curves, "scores": score_rows, "seconds": time.perf_counter() - start}
+
+
+def pd_records(frames, columns: list[str]) -> list[dict]:
+    """Rows of DataFrames as JSON-ready dicts with plain Python values, in ``columns`` order."""
+    import pandas as pd
+
+    frame = pd.concat(frames, ignore_index=True)[columns]
+    return json.loads(frame.to_json(orient="records", double_precision=15))
 
 
 def auc_markdown(aucs, shots: list[int], methods: list[str]) -> str:
