@@ -6,8 +6,8 @@ prompts, then ``perturbation_test`` on 100 test prompts at the paper's 11 fracti
 one forward cache (keep-none and keep-all are common to both orders, so 20 distinct
 masks are run). Timed once, the ranking apart.
 
-Run with five-shot prompts (about 57 tokens, as in B1-B3) and one-shot prompts (about
-17 tokens); ``--quick`` runs the one-shot case only. The cost is 20 forward passes over
+Run with one-shot prompts (about 17 tokens); ``--full`` also runs five-shot prompts
+(about 57 tokens, as in B1), which take about three times as long. The cost is 20 forward passes over
 the 100 prompts, so it grows with the prompt length.
 
 Target: the two perturbation curves in under 90 s.
@@ -69,6 +69,6 @@ def _case(ctx: Context, model, shots: int) -> list[Row]:
 def run(ctx: Context) -> list[Row]:
     model = ctx.model()
     rows: list[Row] = []
-    for shots in (1,) if ctx.quick else (5, 1):
+    for shots in (5, 1) if ctx.full or ctx.tiny else (1,):
         rows.extend(_case(ctx, model, shots))
     return rows

@@ -1,7 +1,7 @@
 """Run the benchmarks, print each figure beside its target, write Markdown and JSON.
 
-Results go to ``<out>/benchmarks-<device>.json`` and ``<out>/benchmarks-<device>.md`` (``<out>``
-defaults to ``docs``).
+Results go to ``<out>/benchmarks-<device>.json``, and ``<out>/benchmarks.md`` is rewritten
+from every device's JSON there (``<out>`` defaults to ``docs``).
 A run with ``--only`` replaces the rows of the benchmarks it ran and keeps the others,
 so final figures can be assembled from separate, quieter runs.
 """
@@ -142,9 +142,27 @@ def write(out: Path, device: str, rows: list[Row], status: dict, meta: dict) -> 
     benchmarks = {**old.get("benchmarks", {}), **{b: {**s, "meta": meta} for b, s in status.items()}}
     data = {"rows": merged, "benchmarks": benchmarks, "last_run": meta}
     path.write_text(json.dumps(data, indent=1))
-    md = path.with_suffix(".md")
-    md.write_text(markdown(data))
+    md = out / "benchmarks.md"
+    md.write_text(report(out))
     return path, md
+
+
+def report(out: Path) -> str:
+    """``benchmarks.md``: one section per device measured, from every ``benchmarks-<device>.json`` in ``out``."""
+    sections = [
+        "# Benchmarks",
+        "",
+        "Measured by `make bench` (`python -m benchmarks --out docs`; `--device cuda` on a GPU, "
+        "`--only B1,B5` to rerun some, `--full` to run causal mediation in B2 instead of estimating it). "
+        "Each figure is the median of timed repeats after a warm-up; peak memory and load times are "
+        "taken in fresh subprocesses. The second table of each section says when each benchmark last "
+        "ran, with which command, and how busy the machine was (load average) when it started.",
+    ]
+    for path in sorted(out.glob("benchmarks-*.json")):
+        data = json.loads(path.read_text())
+        device = path.stem.split("-", 1)[1]
+        sections += ["", f"## {device.upper()}", "", markdown(data).rstrip("\n")]
+    return "\n".join(sections) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated benchmark ids, e.g. B1,B3 (default: all)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sweeps")
     parser.add_argument(
-        "--full", action="store_true", help="B2: run the causal-mediation rankings (10-25 min each) instead of estimating them"
+        "--full",
+        action="store_true",
+        help="B2: run the causal-mediation rankings (10-25 min each) instead of estimating them; "
+        "B3 and B5: five-shot prompts too",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 5, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

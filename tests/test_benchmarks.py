@@ -53,7 +53,8 @@ def test_json_and_markdown_have_every_row(results):
     table = md_path.read_text()
     for r in rows:
         assert f"| {r.bench} | {r.name} |" in table
-    assert markdown(data) == table
+    assert md_path.name == "benchmarks.md" and "## CPU" in table
+    assert markdown(data) in table
     for bench in BENCHMARKS:
         assert f"| {bench} | " in table.split("| | run |")[1]
 

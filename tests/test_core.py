@@ -243,6 +243,11 @@ def test_top_heads_and_dataframe_agree(tiny):
     row = result.head(layer, head)[info["query_pos"]]
     assert all(v < 0 for _, v in info["pushed_up"]) and all(v > 0 for _, v in info["pushed_down"])
     assert info["pushed_up"][0][1] == pytest.approx(row.min().item())
+    floor = 0.01 * row[: info["query_pos"] + 1].abs().max().item()
+    assert all(abs(v) > floor for _, v in info["pushed_up"] + info["pushed_down"])
+    everything = result.describe_head(layer, head, k=100, min_share=0.0)
+    kept = sum(1 for v in row[: info["query_pos"] + 1].tolist() if v != 0)
+    assert len(everything["pushed_up"]) + len(everything["pushed_down"]) == kept
 
 
 def test_token_prompts_equal_string_prompts(tiny):

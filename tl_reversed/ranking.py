@@ -325,7 +325,6 @@ def _atp(model, spec, clean: PromptBatch, corrupted: PromptBatch, batch_size, po
             f"position='all' needs clean and corrupted prompts of equal token length, but example {i} has "
             f"{int(clean.lengths[i])} clean and {int(corrupted.lengths[i])} corrupted tokens; use position='last'"
         )
-    device = model_device(model)
     effect = torch.zeros(spec.n_layers, spec.n_heads)
     base = 0.0
     for index in tqdm(corrupted.chunks(batch_size), desc="attribution patching", disable=not progress, leave=False):

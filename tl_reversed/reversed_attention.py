@@ -142,12 +142,13 @@ class ReversedAttention:
         n = int(self.lengths[i])
         return self.pattern[i, self._layer_index(layer), head, :n, :n]
 
-    def describe_head(self, layer: int, head: int, example: int = 0, k: int = 3) -> dict:
+    def describe_head(self, layer: int, head: int, example: int = 0, k: int = 3, min_share: float = 0.01) -> dict:
         """The query row that dominates a head's map and the keys it pushes up and down most.
 
         A descent step moves attention along ``-RA``: the most negative entries of the
         dominant row are the keys the step attends to more ("up"), the most positive the
-        keys it attends to less ("down").
+        keys it attends to less ("down"). Entries smaller than ``min_share`` times the
+        row's largest magnitude are left out (noise, not a push).
         """
         ra = self.head(layer, head, example)
         tokens = self.str_tokens[self._example(example)]
@@ -156,14 +157,15 @@ class ReversedAttention:
         k = min(k, row + 1)
         up = values.argsort()[:k].tolist()
         down = values.argsort(descending=True)[:k].tolist()
+        floor = min_share * float(values.abs().max())
         return {
             "layer": layer,
             "head": head,
             "ra_norm": float(self.norms[self._example(example), self._layer_index(layer), head]),
             "query_pos": row,
             "query_token": tokens[row],
-            "pushed_up": [(tokens[j], float(values[j])) for j in up if values[j] < 0],
-            "pushed_down": [(tokens[j], float(values[j])) for j in down if values[j] > 0],
+            "pushed_up": [(tokens[j], float(values[j])) for j in up if values[j] < -floor],
+            "pushed_down": [(tokens[j], float(values[j])) for j in down if values[j] > floor],
         }
 
     def to_dataframe(self) -> pd.DataFrame:
