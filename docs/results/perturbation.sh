@@ -22,6 +22,6 @@ done
 run5() { tl-reversed perturbation --task "$1" --shots 5 --methods "$METHODS" --n 30 --n-score 10 --seed 0 --out docs/results/perturbation-5shot; }
 
 # five shots, where the model is mostly right without help (about 30 minutes each):
-for task in capitalize present-past singular-plural; do
+for task in capitalize present-past; do
   run5 "$task"
 done
