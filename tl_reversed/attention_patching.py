@@ -87,16 +87,13 @@ class AttentionMaps:
 
     def plot(self, layer: int | None = None, head: int | None = None, ax=None):
         """The averaged map of one head (default: the largest), or its norms heatmap; a Figure."""
-        import matplotlib.pyplot as plt
+        from tl_reversed.plotting import _figure_and_axes
 
         norms = self.norms()
         if layer is None or head is None:
             flat = int(norms.flatten().argmax())
             layer, head = flat // norms.shape[1], flat % norms.shape[1]
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(4.5, 4))
-        else:
-            fig = ax.figure
+        fig, ax = _figure_and_axes(ax, (4.5, 4))
         grid = self.maps[layer, head].float().numpy()
         bound = float(abs(grid).max()) or 1.0
         image = ax.imshow(grid, cmap="RdBu_r" if self.source == "ra" else "viridis", vmin=-bound if self.source == "ra" else 0, vmax=bound)
@@ -340,9 +337,8 @@ class PatchingSweep:
         return self.accuracy[self.lrs.index(float(lr))]
 
     def best(self) -> tuple[float, float]:
-        """``(lr, accuracy)`` of the best learning rate (on ties, the one closest to 0, then the first)."""
-        i = max(range(len(self.lrs)), key=lambda j: (self.accuracy[j], -abs(self.lrs[j]), -j))
-        return self.lrs[i], self.accuracy[i]
+        """``(lr, accuracy)`` of the best learning rate (see :func:`best_lr`)."""
+        return best_lr(self.lrs, self.accuracy)
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per learning rate."""
@@ -350,12 +346,9 @@ class PatchingSweep:
 
     def plot(self, ax=None, **kwargs):
         """Accuracy against lr (symmetric-log axis); returns the matplotlib Figure."""
-        import matplotlib.pyplot as plt
+        from tl_reversed.plotting import _figure_and_axes
 
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-        else:
-            fig = ax.figure
+        fig, ax = _figure_and_axes(ax, (5, 3.5))
         ax.plot(self.lrs, self.accuracy, marker="o", label=f"{self.source.upper()} patch", **kwargs)
         ax.axhline(self.original, color="grey", linestyle=":", label="no patch")
         ax.set_xscale("symlog", linthresh=1.0)
@@ -364,6 +357,12 @@ class PatchingSweep:
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize="small")
         return fig
+
+
+def best_lr(lrs: Sequence[float], accuracy: Sequence[float]) -> tuple[float, float]:
+    """``(lr, accuracy)`` of the best learning rate of a sweep (on ties, the one closest to 0, then the first)."""
+    i = max(range(len(lrs)), key=lambda j: (accuracy[j], -abs(lrs[j]), -j))
+    return lrs[i], accuracy[i]
 
 
 def evaluate_patching(
@@ -458,12 +457,9 @@ class IterativePatching:
 
     def plot(self, ax=None, **kwargs):
         """Test accuracy after each step; returns the matplotlib Figure."""
-        import matplotlib.pyplot as plt
+        from tl_reversed.plotting import _figure_and_axes
 
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-        else:
-            fig = ax.figure
+        fig, ax = _figure_and_axes(ax, (5, 3.5))
         ax.plot(self.steps, self.accuracy, marker="o", label=f"iterative RA, lr {self.lr:g}", **kwargs)
         ax.set_xlabel("step")
         ax.set_ylabel("top-1 accuracy")

@@ -92,12 +92,9 @@ class PerturbationResult:
 
     def plot(self, ax=None, **kwargs):
         """Accuracy against the share of heads kept; returns the matplotlib Figure."""
-        import matplotlib.pyplot as plt
+        from tl_reversed.plotting import _figure_and_axes
 
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-        else:
-            fig = ax.figure
+        fig, ax = _figure_and_axes(ax, (5, 3.5))
         kwargs.setdefault("linestyle", "--" if self.reverse else "-")
         ax.plot(self.fractions, self.accuracy, marker="o", label=f"{self.label}: AUC {self.auc:.3f}", **kwargs)
         ax.set_xlabel("share of heads kept")

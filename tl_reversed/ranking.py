@@ -117,12 +117,9 @@ class HeadScores:
 
     def plot(self, ax=None, cmap: str = "viridis", title: str | None = None):
         """Layer x head heatmap of the scores; returns the matplotlib Figure."""
-        import matplotlib.pyplot as plt
+        from tl_reversed.plotting import _figure_and_axes
 
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(1.2 + 0.45 * self.n_heads, 1.0 + 0.22 * self.n_layers))
-        else:
-            fig = ax.figure
+        fig, ax = _figure_and_axes(ax, (1.2 + 0.45 * self.n_heads, 1.0 + 0.22 * self.n_layers))
         image = ax.imshow(self.scores.float().numpy(), aspect="auto", cmap=cmap, origin="lower")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")

@@ -185,10 +185,10 @@ def _at(unit: dict, lr: float) -> float:
 
 
 def _best(unit: dict) -> tuple[float, float]:
-    """Best lr of a sweep; on ties the one closest to 0, then the first (as ``PatchingSweep.best``)."""
-    lrs, acc = unit["lrs"], unit["accuracy"]
-    i = max(range(len(lrs)), key=lambda j: (acc[j], -abs(lrs[j]), -j))
-    return lrs[i], acc[i]
+    """Best lr of a saved sweep (as ``PatchingSweep.best``)."""
+    from tl_reversed.attention_patching import best_lr
+
+    return best_lr(unit["lrs"], unit["accuracy"])
 
 
 def patching_markdown(table, args: argparse.Namespace) -> str:

@@ -97,9 +97,9 @@ class Checkpoint:
             for path in self.folder.glob("*.json"):
                 path.unlink()
             self.folder.rmdir()
-        for parent in (self.folder.parent,):
-            if parent.exists() and not any(parent.iterdir()):
-                parent.rmdir()
+        parent = self.folder.parent
+        if parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
