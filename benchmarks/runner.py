@@ -119,13 +119,18 @@ def markdown(data: dict) -> str:
         lines.append(
             f"| {r['bench']} | {r['name']} | {_fmt(r['value'])} {r['unit']} | {r['target']} | {met} | {r['note']} |"
         )
-    lines += ["", "| | run | command | load average at start | wall | CPU |", "|---|---|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "| | run | command | OMP_WAIT_POLICY | load average at start | wall | CPU |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
     for bench in sorted(data["benchmarks"], key=lambda b: int(b[1:])):
         b = data["benchmarks"][bench]
         run_meta = b.get("meta", {})
         load = run_meta.get("machine", {}).get("load_average_at_start")
+        policy = run_meta.get("machine", {}).get("omp_wait_policy") or "(unset)"
         lines.append(
-            f"| {bench} | {b.get('finished', '')} | `{run_meta.get('command', '')}` | "
+            f"| {bench} | {b.get('finished', '')} | `{run_meta.get('command', '')}` | {policy} | "
             f"{'' if load is None else f'{load:.1f}'} | {b['seconds']:.0f} s | {b.get('cpu_seconds', float('nan')):.0f} s |"
         )
     return "\n".join(lines) + "\n"
@@ -156,7 +161,8 @@ def report(out: Path) -> str:
         "`--only B1,B5` to rerun some, `--full` to run causal mediation in B2 instead of estimating it). "
         "Each figure is the median of timed repeats after a warm-up; peak memory and load times are "
         "taken in fresh subprocesses. The second table of each section says when each benchmark last "
-        "ran, with which command, and how busy the machine was (load average) when it started.",
+        "ran, with which command and OpenMP wait policy, and how busy the machine was (load average) "
+        "when it started.",
     ]
     for path in sorted(out.glob("benchmarks-*.json")):
         data = json.loads(path.read_text())
@@ -178,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 5, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--passive-wait",
+        action="store_true",
+        help="OMP_WAIT_POLICY=PASSIVE (read before torch loads, so only through python -m benchmarks): "
+        "steadier figures on a busy machine, slower ones on a quiet one",
+    )
     parser.add_argument("--out", default="docs", help="folder for the JSON and Markdown results (default docs)")
     args = parser.parse_args(argv)
 
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"tl_reversed benchmarks on {args.device}: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
-        f"{meta['machine']['torch_threads']} torch threads, OMP_WAIT_POLICY={meta['machine']['omp_wait_policy']}"
+        f"{meta['machine']['torch_threads']} torch threads, OMP_WAIT_POLICY={meta['machine']['omp_wait_policy'] or '(unset)'}"
     )
     start, cpu = time.perf_counter(), _cpu_seconds()
     rows, status = run_benchmarks(ctx, only)

@@ -136,7 +136,8 @@ def test_cli_table_has_each_method_and_its_reverse_with_the_best_in_bold():
     import pandas as pd
 
     from tl_reversed.cli import build_parser
-    from tl_reversed.commands.perturbation import auc_markdown, int_list, method_list
+    from tl_reversed.commands.common import int_list
+    from tl_reversed.commands.perturbation import auc_markdown, method_list
 
     aucs = pd.DataFrame(
         {
@@ -163,7 +164,7 @@ def test_cli_table_has_each_method_and_its_reverse_with_the_best_in_bold():
 
 
 def test_checkpoint_resumes_only_units_made_with_the_same_settings(tmp_path):
-    from tl_reversed.commands.perturbation import Checkpoint
+    from tl_reversed.commands.common import Checkpoint
 
     first = Checkpoint(tmp_path, "capitalize_perturbation", {"n": 30, "seed": 0})
     first.save("5-shot_ra", {"auc": 0.25, "curves": [1, 2]})

@@ -21,8 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
-from tl_reversed.commands.common import add_model_argument
-from tl_reversed.commands.perturbation import Checkpoint, command_line, int_list, markdown_table
+from tl_reversed.commands.common import Checkpoint, add_model_argument, command_line, int_list, markdown_table
 
 
 def float_list(text: str) -> list[float]:
