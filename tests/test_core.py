@@ -200,6 +200,37 @@ def test_multi_token_target_is_the_sum_of_per_token_maps(tiny):
     torch.testing.assert_close(full.loss, sum(r.loss for r in per_token), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_loss_unembeds_only_the_target_positions(arch):
+    """The target loss reads ``[target tokens, 1, vocab]`` logits: the full-logits loss and RA, less work."""
+    from tl_reversed.architecture import positions_hook
+    from tl_reversed.inputs import target_loss, target_positions, tokenize
+
+    model = make_tiny(arch)
+    prompts, targets = ["The quick brown fox", "Hi", "Jumps over the lazy"], [" jumps", " there!", " dog"]
+    batch = tokenize(model, prompts, targets, describe(model), need_targets=True)
+    rows, cols = target_positions(batch)
+    assert rows.tolist() == [i for i, t in enumerate(batch.targets) for _ in range(t.numel())]
+    assert cols.tolist() == [int(n) - 1 + j for n, t in zip(batch.prompt_lengths, batch.targets) for j in range(t.numel())]
+    hook = positions_hook(model, cols, rows)
+    assert hook is not None
+    with torch.no_grad():
+        full = model(batch.tokens)
+        picked = model.run_with_hooks(batch.tokens, fwd_hooks=[hook])
+    assert picked.shape == (rows.numel(), 1, model.cfg.d_vocab)
+    torch.testing.assert_close(target_loss(picked, batch, picked=True), target_loss(full, batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one row per target token"):
+        target_loss(full, batch, picked=True)
+
+    # reversed_attention's default loss against the same loss from the full logits, as a metric
+    one = tokenize(model, prompts[0], targets[0], describe(model), need_targets=True)
+    default = tl_reversed.reversed_attention(model, prompts[0], targets[0])
+    from_full = tl_reversed.reversed_attention(model, default.tokens, metric=lambda logits, tokens: target_loss(logits, one))
+    torch.testing.assert_close(default.maps, from_full.maps, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(default.loss, from_full.loss, atol=1e-5, rtol=1e-5)
+    assert hook_count(model) == 0
+
+
 def test_metric_of_logit_difference_is_linear(tiny):
     """A custom metric works and RA is linear in it: RA(a - b) = RA(a) - RA(b)."""
     a_id, b_id = (tiny.to_tokens(t, prepend_bos=False)[0, 0] for t in ("x", "y"))

@@ -57,7 +57,7 @@ UNEMBED_IN = "unembed.hook_in"
 """The unembedding's input ``[batch, pos, d_model]`` (after the final norm), on both model classes.
 
 Everything after it is position-wise, so a hook here may keep only some positions: the
-logits then come out for those positions alone (see :func:`last_position_hook`).
+logits then come out for those positions alone (see :func:`positions_hook`).
 """
 
 _REQUIRED_ATTN_HOOKS = ("z", "v", "pattern")
@@ -354,21 +354,29 @@ def weight_io(model: object, layer: int, matrix: str) -> WeightIO:
     return WeightIO(matrix, f"blocks.{layer}.ln2.hook_normalized", grad, _norm_affine(model, ln2))
 
 
-def last_position_hook(model: object, last: "torch.Tensor") -> tuple[str, object] | None:
-    """A forward hook that unembeds only position ``last[i]`` of each row ``i``.
+def positions_hook(model: object, cols: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[str, object] | None:
+    """A forward hook that unembeds only positions ``(rows[i], cols[i])``.
 
-    With it on, the model returns logits ``[batch, 1, d_vocab]`` instead of
-    ``[batch, pos, d_vocab]``: on a 135M-parameter model with a 49k vocabulary the
-    unembedding is about a fifth of a forward pass, and answer-reading code needs one
-    position. ``last`` may be replaced between calls through ``hook.last`` (a
-    mini-batch loop reuses one hook). ``None`` where the model has no such hook point.
+    With it on, the model returns logits ``[n, 1, d_vocab]`` for those ``n`` positions
+    instead of ``[batch, pos, d_vocab]``: on a 135M-parameter model with a 49k vocabulary
+    the unembedding is about a fifth of a forward pass (and of a backward one), and a
+    loss or an answer reads a few positions. ``rows=None`` means one position per row,
+    ``cols[i]`` in row ``i``. Both may be replaced between calls through ``hook.cols`` and
+    ``hook.rows`` (a mini-batch loop reuses one hook). ``None`` where the model has no
+    such hook point (then run without it and index the full logits).
     """
     if UNEMBED_IN not in getattr(model, "hook_dict", {}):
         return None
 
-    def keep_last(x: torch.Tensor, hook: object) -> torch.Tensor:
-        index = keep_last.last.to(x.device)
-        return x[torch.arange(x.shape[0], device=x.device), index][:, None]
+    def keep(x: torch.Tensor, hook: object) -> torch.Tensor:
+        cols = keep.cols.to(x.device)
+        rows = torch.arange(x.shape[0], device=x.device) if keep.rows is None else keep.rows.to(x.device)
+        return x[rows, cols][:, None]
 
-    keep_last.last = last  # type: ignore[attr-defined]
-    return UNEMBED_IN, keep_last
+    keep.cols, keep.rows = cols, rows  # type: ignore[attr-defined]
+    return UNEMBED_IN, keep
+
+
+def last_position_hook(model: object, last: torch.Tensor) -> tuple[str, object] | None:
+    """:func:`positions_hook` for position ``last[i]`` of each row ``i``: logits ``[batch, 1, d_vocab]``."""
+    return positions_hook(model, last)

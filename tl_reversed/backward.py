@@ -14,8 +14,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_reversed.architecture import EMBED
-from tl_reversed.inputs import Batch, target_loss
+from tl_reversed.architecture import EMBED, positions_hook
+from tl_reversed.inputs import Batch, target_loss, target_positions
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Float[Tensor, " batch"]]
 """A loss to differentiate: logits and input tokens in, one loss per example out."""
@@ -32,10 +32,13 @@ def _embed_leaf(x: Tensor, hook: object) -> Tensor:
     return x.detach().requires_grad_(True)
 
 
-def per_example_loss(logits: Tensor, batch: Batch, metric: Metric | None) -> Float[Tensor, " batch"]:
-    """The default target cross-entropy, or the user's metric checked for shape."""
+def per_example_loss(logits: Tensor, batch: Batch, metric: Metric | None, *, picked: bool = False) -> Float[Tensor, " batch"]:
+    """The default target cross-entropy, or the user's metric checked for shape.
+
+    ``picked``: the logits are those of the target positions alone (see :func:`forward_backward`).
+    """
     if metric is None:
-        return target_loss(logits, batch)
+        return target_loss(logits, batch, picked=picked)
     loss = metric(logits, batch.tokens.to(logits.device))
     if not isinstance(loss, Tensor):
         raise TypeError(f"metric must return a tensor of per-example losses, got {type(loss).__name__}")
@@ -61,12 +64,21 @@ def forward_backward(
 
     ``extra_hooks`` are forward hooks that change the computation (an attention patch);
     they run before ours on the same hook points. Returns the per-example loss.
+
+    The default loss (``metric=None``) reads the target positions alone, so only those
+    are unembedded (:func:`tl_reversed.architecture.positions_hook`, added after every
+    other hook): the same gradients, without the logits of every other position.
+    A ``metric`` gets the full logits.
     """
     tokens = batch.tokens.to(model_device(model))
-    fwd = [(EMBED, _embed_leaf), *extra_hooks, *fwd_hooks]
+    only_targets = None
+    if metric is None:
+        rows, cols = target_positions(batch)
+        only_targets = positions_hook(model, cols, rows)
+    fwd = [(EMBED, _embed_leaf), *extra_hooks, *fwd_hooks, *([only_targets] if only_targets else [])]
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=list(bwd_hooks)):  # type: ignore[operator]
         logits = model(tokens)
-        loss = per_example_loss(logits, batch, metric)
+        loss = per_example_loss(logits, batch, metric, picked=only_targets is not None)
         if not torch.isfinite(loss).all():
             raise FloatingPointError(
                 f"the loss is not finite ({loss.tolist()}): the model overflowed in its dtype; "

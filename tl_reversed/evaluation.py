@@ -139,7 +139,7 @@ def last_logits(
         for index in tqdm(batch.chunks(batch_size), desc="forward", disable=not progress, leave=False):
             sub = batch.rows(index)
             if only_last:
-                only_last[1].last = sub.last
+                only_last[1].cols = sub.last
             rows = at_last(model(sub.tokens.to(device)), sub).float().cpu()
             if out is None:
                 out = torch.empty(len(batch), rows.shape[-1])

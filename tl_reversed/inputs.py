@@ -148,27 +148,50 @@ def tokenize(
     )
 
 
-def target_loss(logits: Float[Tensor, "batch pos vocab"], batch: Batch) -> Float[Tensor, " batch"]:
-    """Cross-entropy of each example's target tokens, teacher-forced, summed over tokens.
+def target_positions(batch: Batch) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """Where the default loss reads the logits: ``(row, position)`` of each target token.
 
-    Computed per example in float32 (float64 for float64 models) and never averaged over the batch, so a batch gives
-    the same gradients, example by example, as one prompt at a time.
-
-    All target positions are picked with one indexing operation: indexing example by
-    example would make the backward pass add one logits-sized zero tensor per example
-    (quadratic in the batch size).
+    Target token ``j`` of example ``i`` is predicted at position ``prompt_length - 1 + j``
+    of row ``i``; the two tensors list every target token of every example in order.
     """
-    rows, cols, owner = [], [], []
+    rows, cols = [], []
     for i, target in enumerate(batch.targets):
         start = int(batch.prompt_lengths[i]) - 1
         n = target.numel()
         rows += [i] * n
         cols += range(start, start + n)
-        owner += [i] * n
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+def target_loss(
+    logits: Float[Tensor, "batch pos vocab"] | Float[Tensor, "n 1 vocab"], batch: Batch, *, picked: bool = False
+) -> Float[Tensor, " batch"]:
+    """Cross-entropy of each example's target tokens, teacher-forced, summed over tokens.
+
+    Computed per example in float32 (float64 for float64 models) and never averaged over the batch, so a batch gives
+    the same gradients, example by example, as one prompt at a time.
+
+    ``picked=True`` takes the logits of the :func:`target_positions` alone, in their
+    order (``[n, 1, vocab]``, from a run under
+    :func:`tl_reversed.architecture.positions_hook`), instead of the full logits.
+
+    All target positions are picked with one indexing operation: indexing example by
+    example would make the backward pass add one logits-sized zero tensor per example
+    (quadratic in the batch size).
+    """
+    rows, cols = target_positions(batch)
     device = logits.device
-    picked = logits[torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device)]
-    picked = picked if picked.dtype == torch.float64 else picked.float()
+    if picked:
+        if logits.shape[:2] != (rows.numel(), 1):
+            raise ValueError(
+                f"picked logits must have shape [{rows.numel()}, 1, vocab] (one row per target token), "
+                f"got {tuple(logits.shape)}"
+            )
+        picked_logits = logits[:, 0]
+    else:
+        picked_logits = logits[rows.to(device), cols.to(device)]
+    picked_logits = picked_logits if picked_logits.dtype == torch.float64 else picked_logits.float()
     ids = torch.cat([t.reshape(-1) for t in batch.targets]).to(device=device, dtype=torch.long)
-    chosen = picked.log_softmax(-1).gather(-1, ids[:, None])[:, 0]
-    losses = torch.zeros(len(batch.targets), dtype=picked.dtype, device=device)
-    return losses.index_add(0, torch.tensor(owner, dtype=torch.long, device=device), -chosen)
+    chosen = picked_logits.log_softmax(-1).gather(-1, ids[:, None])[:, 0]
+    losses = torch.zeros(len(batch.targets), dtype=picked_logits.dtype, device=device)
+    return losses.index_add(0, rows.to(device), -chosen)
