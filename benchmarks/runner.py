@@ -158,7 +158,8 @@ def report(out: Path) -> str:
         "# Benchmarks",
         "",
         "Measured by `make bench` (`python -m benchmarks --out docs`; `--device cuda` on a GPU, "
-        "`--only B1,B5` to rerun some, `--full` to run causal mediation in B2 instead of estimating it). "
+        "`--only B1,B5` to rerun some, `--full` to run causal mediation in B2 instead of estimating it, "
+        "`--passive-wait` for steadier figures on a busy machine). "
         "Each figure is the median of timed repeats after a warm-up; peak memory and load times are "
         "taken in fresh subprocesses. The second table of each section says when each benchmark last "
         "ran, with which command and OpenMP wait policy, and how busy the machine was (load average) "
