@@ -360,6 +360,23 @@ def test_ra_from_cache_equals_reversed_attention(tiny):
     assert cached.str_tokens == direct.str_tokens
 
 
+def test_cache_of_the_unembedding_keeps_every_position(tiny):
+    """Hooks on the unembedding see full-width tensors: the default loss trims positions only when none does."""
+    names = ["unembed.hook_in", "unembed.hook_out"]
+    cache = tl_reversed.cache_with_grads(tiny, PROMPT, TARGET, names_filter=names)
+    direct = tl_reversed.reversed_attention(tiny, PROMPT, TARGET)
+    width = direct.tokens.shape[1]
+    assert cache["unembed.hook_in"].shape == cache["unembed.hook_in_grad"].shape == (1, width, tiny.cfg.d_model)
+    assert cache["unembed.hook_out"].shape == (1, width, tiny.cfg.d_vocab)
+    with torch.no_grad():
+        torch.testing.assert_close(cache["unembed.hook_out"], tiny(direct.tokens), atol=1e-5, rtol=1e-5)
+    # positions after the last target token get no gradient; the target positions do
+    start = int(tiny.to_tokens(PROMPT).shape[1]) - 1
+    grad_norms = cache["unembed.hook_in_grad"][0].norm(dim=-1)
+    assert bool((grad_norms[start:] > 0).all()) and float(grad_norms[:start].abs().max()) == 0.0
+    torch.testing.assert_close(tl_reversed.ra_from_cache(cache, tokens=direct.tokens).maps, direct.maps, atol=1e-6, rtol=1e-5)
+
+
 def test_ra_from_run_with_cache_incl_bwd(tiny):
     """A cache from TransformerLens' own run_with_cache(incl_bwd=True) gives the RA of the mean LM loss."""
     tokens = tiny.to_tokens(PROMPT)

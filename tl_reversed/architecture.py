@@ -32,6 +32,7 @@ Quirks handled here:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -375,6 +376,17 @@ def positions_hook(model: object, cols: torch.Tensor, rows: torch.Tensor | None 
 
     keep.cols, keep.rows = cols, rows  # type: ignore[attr-defined]
     return UNEMBED_IN, keep
+
+
+def hooks_at_unembed(names: Sequence[object]) -> bool:
+    """Whether hooks on these points would see what :func:`positions_hook` trims.
+
+    The unembedding's input and output (``unembed.hook_in``, ``unembed.hook_out``, the
+    bridge's alias ``hook_unembed``) hold the kept positions alone under it, and so do
+    the gradients there: callers hooking them need the full logits. A name filter that
+    is not a string may match them, so it counts as one.
+    """
+    return any(not isinstance(name, str) or name.startswith("unembed.") or name == "hook_unembed" for name in names)
 
 
 def last_position_hook(model: object, last: torch.Tensor) -> tuple[str, object] | None:

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_reversed.architecture import EMBED, positions_hook
+from tl_reversed.architecture import EMBED, hooks_at_unembed, positions_hook
 from tl_reversed.inputs import Batch, target_loss, target_positions
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Float[Tensor, " batch"]]
@@ -68,11 +68,11 @@ def forward_backward(
     The default loss (``metric=None``) reads the target positions alone, so only those
     are unembedded (:func:`tl_reversed.architecture.positions_hook`, added after every
     other hook): the same gradients, without the logits of every other position.
-    A ``metric`` gets the full logits.
+    A ``metric``, or a hook on the unembedding's input or output, gets the full logits.
     """
     tokens = batch.tokens.to(model_device(model))
     only_targets = None
-    if metric is None:
+    if metric is None and not hooks_at_unembed([name for name, _ in (*extra_hooks, *fwd_hooks, *bwd_hooks)]):
         rows, cols = target_positions(batch)
         only_targets = positions_hook(model, cols, rows)
     fwd = [(EMBED, _embed_leaf), *extra_hooks, *fwd_hooks, *([only_targets] if only_targets else [])]
