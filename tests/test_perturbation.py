@@ -191,4 +191,9 @@ def test_last_logits_unembeds_only_the_last_token_and_matches_the_full_logits(ar
     expected = full[torch.arange(len(PROMPTS)), batch.last]
     for batch_size in (None, 4, 1):  # one hook, re-pointed at each mini-batch's last tokens
         torch.testing.assert_close(last_logits(model, batch, batch_size=batch_size), expected, atol=1e-5, rtol=1e-5)
+    # a caller's hook on the logits sees every position
+    widths = []
+    seen = [("unembed.hook_out", lambda logits, hook: widths.append(logits.shape[1]))]
+    torch.testing.assert_close(last_logits(model, batch, seen, batch_size=None), expected, atol=1e-5, rtol=1e-5)
+    assert widths == [batch.tokens.shape[1]]
     assert hook_count(model) == 0

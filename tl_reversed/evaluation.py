@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_reversed.architecture import describe, last_position_hook
+from tl_reversed.architecture import describe, hooks_at_unembed, last_position_hook
 from tl_reversed.backward import model_device
 from tl_reversed.inputs import tokenize
 
@@ -133,8 +133,9 @@ def last_logits(
     """
     device = model_device(model)
     out: Tensor | None = None
-    # unembed only the last prompt token of each row (added after the caller's hooks)
-    only_last = last_position_hook(model, batch.last)
+    # unembed only the last prompt token of each row (added after the caller's hooks),
+    # unless a caller's hook reads the unembedding's input or output
+    only_last = None if hooks_at_unembed([name for name, _ in hooks]) else last_position_hook(model, batch.last)
     with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, *([only_last] if only_last else [])]):  # type: ignore[operator]
         for index in tqdm(batch.chunks(batch_size), desc="forward", disable=not progress, leave=False):
             sub = batch.rows(index)
