@@ -355,7 +355,9 @@ def weight_io(model: object, layer: int, matrix: str) -> WeightIO:
     return WeightIO(matrix, f"blocks.{layer}.ln2.hook_normalized", grad, _norm_affine(model, ln2))
 
 
-def positions_hook(model: object, cols: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[str, object] | None:
+def positions_hook(
+    model: object, cols: torch.Tensor, rows: torch.Tensor | None = None, *, beside: Sequence[tuple] = ()
+) -> tuple[str, object] | None:
     """A forward hook that unembeds only positions ``(rows[i], cols[i])``.
 
     With it on, the model returns logits ``[n, 1, d_vocab]`` for those ``n`` positions
@@ -363,10 +365,13 @@ def positions_hook(model: object, cols: torch.Tensor, rows: torch.Tensor | None 
     the unembedding is about a fifth of a forward pass (and of a backward one), and a
     loss or an answer reads a few positions. ``rows=None`` means one position per row,
     ``cols[i]`` in row ``i``. Both may be replaced between calls through ``hook.cols`` and
-    ``hook.rows`` (a mini-batch loop reuses one hook). ``None`` where the model has no
-    such hook point (then run without it and index the full logits).
+    ``hook.rows`` (a mini-batch loop reuses one hook).
+
+    ``None`` (run without it and index the full logits) where the model has no such hook
+    point, or where one of the hooks it runs ``beside`` (``(name, fn)`` pairs) would see
+    what it trims (see :func:`_hooks_at_unembed`).
     """
-    if UNEMBED_IN not in getattr(model, "hook_dict", {}):
+    if UNEMBED_IN not in getattr(model, "hook_dict", {}) or _hooks_at_unembed([name for name, _ in beside]):
         return None
 
     def keep(x: torch.Tensor, hook: object) -> torch.Tensor:
@@ -378,7 +383,7 @@ def positions_hook(model: object, cols: torch.Tensor, rows: torch.Tensor | None 
     return UNEMBED_IN, keep
 
 
-def hooks_at_unembed(names: Sequence[object]) -> bool:
+def _hooks_at_unembed(names: Sequence[object]) -> bool:
     """Whether hooks on these points would see what :func:`positions_hook` trims.
 
     The unembedding's input and output (``unembed.hook_in``, ``unembed.hook_out``, the
@@ -389,6 +394,6 @@ def hooks_at_unembed(names: Sequence[object]) -> bool:
     return any(not isinstance(name, str) or name.startswith("unembed.") or name == "hook_unembed" for name in names)
 
 
-def last_position_hook(model: object, last: torch.Tensor) -> tuple[str, object] | None:
+def last_position_hook(model: object, last: torch.Tensor, *, beside: Sequence[tuple] = ()) -> tuple[str, object] | None:
     """:func:`positions_hook` for position ``last[i]`` of each row ``i``: logits ``[batch, 1, d_vocab]``."""
-    return positions_hook(model, last)
+    return positions_hook(model, last, beside=beside)

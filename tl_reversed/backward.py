@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_reversed.architecture import EMBED, hooks_at_unembed, positions_hook
+from tl_reversed.architecture import EMBED, positions_hook
 from tl_reversed.inputs import Batch, target_loss, target_positions
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Float[Tensor, " batch"]]
@@ -72,9 +72,9 @@ def forward_backward(
     """
     tokens = batch.tokens.to(model_device(model))
     only_targets = None
-    if metric is None and not hooks_at_unembed([name for name, _ in (*extra_hooks, *fwd_hooks, *bwd_hooks)]):
+    if metric is None:
         rows, cols = target_positions(batch)
-        only_targets = positions_hook(model, cols, rows)
+        only_targets = positions_hook(model, cols, rows, beside=[*extra_hooks, *fwd_hooks, *bwd_hooks])
     fwd = [(EMBED, _embed_leaf), *extra_hooks, *fwd_hooks, *([only_targets] if only_targets else [])]
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=list(bwd_hooks)):  # type: ignore[operator]
         logits = model(tokens)

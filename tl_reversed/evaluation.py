@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_reversed.architecture import describe, hooks_at_unembed, last_position_hook
+from tl_reversed.architecture import describe, last_position_hook
 from tl_reversed.backward import model_device
 from tl_reversed.inputs import tokenize
 
@@ -135,7 +135,7 @@ def last_logits(
     out: Tensor | None = None
     # unembed only the last prompt token of each row (added after the caller's hooks),
     # unless a caller's hook reads the unembedding's input or output
-    only_last = None if hooks_at_unembed([name for name, _ in hooks]) else last_position_hook(model, batch.last)
+    only_last = last_position_hook(model, batch.last, beside=hooks)
     with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, *([only_last] if only_last else [])]):  # type: ignore[operator]
         for index in tqdm(batch.chunks(batch_size), desc="forward", disable=not progress, leave=False):
             sub = batch.rows(index)
