@@ -31,10 +31,10 @@ def _embedding_weight(model) -> torch.nn.Parameter:
 def plain_pass(model, batch, metric=None) -> None:
     """Forward plus backward to the embeddings, no hooks, no parameter gradient but W_E's.
 
-    ``batch`` is a :class:`tl_reversed.inputs.Batch` (loss: its targets' cross-entropy),
+    ``batch`` is a :class:`tl_reversed.core.inputs.Batch` (loss: its targets' cross-entropy),
     or a token tensor with a ``metric(logits, tokens) -> [batch]`` loss.
     """
-    from tl_reversed.inputs import target_loss
+    from tl_reversed.core.inputs import target_loss
 
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
@@ -57,10 +57,10 @@ def plain_pass(model, batch, metric=None) -> None:
 
 def run(ctx: Context) -> list[Row]:
     from tl_reversed import reversed_attention
-    from tl_reversed.architecture import describe
-    from tl_reversed.backward import forward_backward
-    from tl_reversed.inputs import tokenize
-    from tl_reversed.state import untouched
+    from tl_reversed.core.architecture import describe
+    from tl_reversed.core.engine import forward_backward
+    from tl_reversed.core.inputs import tokenize
+    from tl_reversed.core.state import untouched
 
     model = ctx.model()
     n = 4 if ctx.tiny else 16

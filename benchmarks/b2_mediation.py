@@ -26,10 +26,10 @@ from benchmarks.common import Context, Row, median_time, row, timed_once
 
 def _one_head_forward(ctx: Context, model, examples) -> dict:
     """Median time of one forward of all examples with one head's ``hook_z`` zeroed."""
-    from tl_reversed.architecture import describe
-    from tl_reversed.evaluation import last_logits, prompt_batch
+    from tl_reversed.core.architecture import describe
+    from tl_reversed.experiments.evaluation import last_logits, prompt_batch
     from tl_reversed.perturbation import mask_hooks
-    from tl_reversed.state import untouched
+    from tl_reversed.core.state import untouched
 
     spec = describe(model)
     batch = prompt_batch(model, examples)
@@ -44,7 +44,7 @@ def _one_head_forward(ctx: Context, model, examples) -> dict:
 
 
 def run(ctx: Context) -> list[Row]:
-    from tl_reversed.architecture import describe
+    from tl_reversed.core.architecture import describe
     from tl_reversed.ranking import head_scores
 
     model = ctx.model()

@@ -53,9 +53,9 @@ def point(args: dict) -> dict:
 
     from benchmarks.common import Context, peak_memory
     from tl_reversed import reversed_attention
-    from tl_reversed.backward import forward_backward
-    from tl_reversed.inputs import Batch
-    from tl_reversed.state import untouched
+    from tl_reversed.core.engine import forward_backward
+    from tl_reversed.core.inputs import Batch
+    from tl_reversed.core.state import untouched
 
     ctx = Context(device=args["device"], tiny=args["tiny"])
     if args["sweep"] == "length":

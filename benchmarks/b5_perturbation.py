@@ -21,7 +21,7 @@ from benchmarks.common import Context, Row, row, timed_once
 
 
 def _case(ctx: Context, model, shots: int) -> list[Row]:
-    from tl_reversed.evaluation import prompt_batch
+    from tl_reversed.experiments.evaluation import prompt_batch
     from tl_reversed.perturbation import perturbation_test
     from tl_reversed.ranking import head_scores
 

@@ -11,7 +11,7 @@ import torch
 from conftest import LEGACY, make_tiny
 
 from tl_reversed import reversed_attention
-from tl_reversed.architecture import attn_hook, describe
+from tl_reversed.core.architecture import attn_hook, describe
 from tl_reversed.attention_patching import (
     PAPER_LRS,
     AttentionMaps,
@@ -21,8 +21,8 @@ from tl_reversed.attention_patching import (
     evaluate_patching,
     iterative_patching,
 )
-from tl_reversed.evaluation import accuracy, prompt_batch
-from tl_reversed.state import hook_count
+from tl_reversed.experiments.evaluation import accuracy, prompt_batch
+from tl_reversed.core.state import hook_count
 
 # Seven prompts of 12 characters (13 tokens with BOS) and one-character targets.
 TRAIN = (["Q: cat\nA: do", "Q: sun\nA: mo", "Q: red\nA: bl", "Q: hat\nA: ca"], ["g", "o", "u", "p"])

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from tl_reversed.architecture import EMBED, block_hook, final_norm, weight_io
+from tl_reversed.core.architecture import EMBED, block_hook, final_norm, weight_io
 from tl_reversed.backward_lens import backward_lens, backward_lens_and_ra, gradient_rank
 from tl_reversed.reversed_attention import reversed_attention
-from tl_reversed.state import hook_count
+from tl_reversed.core.state import hook_count
 from tl_reversed.testing import tiny_model
 
 PROMPT, TARGET = "Hello wor", "l"  # the character-level tiny models read one token per character

@@ -12,8 +12,8 @@ import torch
 
 import tl_reversed
 from conftest import LEGACY, make_tiny
-from tl_reversed.architecture import EMBED, attn_hook, describe
-from tl_reversed.state import hook_count
+from tl_reversed.core.architecture import EMBED, attn_hook, describe
+from tl_reversed.core.state import hook_count
 
 PROMPT, TARGET = "The cat sat on", " mat"  # the tiny models' tokens are characters: 4 target tokens
 ONE = "m"  # a one-token target, for finite differences of the last position's loss
@@ -203,8 +203,8 @@ def test_multi_token_target_is_the_sum_of_per_token_maps(tiny):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_loss_unembeds_only_the_target_positions(arch):
     """The target loss reads ``[target tokens, 1, vocab]`` logits: the full-logits loss and RA, less work."""
-    from tl_reversed.architecture import positions_hook
-    from tl_reversed.inputs import target_loss, target_positions, tokenize
+    from tl_reversed.core.architecture import positions_hook
+    from tl_reversed.core.inputs import target_loss, target_positions, tokenize
 
     model = make_tiny(arch)
     prompts, targets = ["The quick brown fox", "Hi", "Jumps over the lazy"], [" jumps", " there!", " dog"]

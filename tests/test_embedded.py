@@ -10,8 +10,8 @@ import torch
 
 import tl_reversed
 from tl_reversed import models
-from tl_reversed.architecture import describe
-from tl_reversed.state import hook_count
+from tl_reversed.core.architecture import describe
+from tl_reversed.core.state import hook_count
 
 pytestmark = pytest.mark.embedded
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from tl_reversed.architecture import attn_hook, describe
-from tl_reversed.evaluation import accuracy, prompt_batch
+from tl_reversed.core.architecture import attn_hook, describe
+from tl_reversed.experiments.evaluation import accuracy, prompt_batch
 from tl_reversed.perturbation import FRACTIONS, auc, head_mask, mask_hooks, perturbation_test
 from tl_reversed.ranking import HeadScores, head_scores
-from tl_reversed.state import hook_count
+from tl_reversed.core.state import hook_count
 
 PROMPTS = ["Q: cat\nA: dog\n\nQ: sun\nA:", "Q: red\nA:", "Q: hat\nA: top\n\nQ: one\nA:", "Q: fox\nA:", "Q: a\nA: b\n\nQ: c\nA:", "Q: up\nA:"]
 
@@ -178,8 +178,8 @@ def test_checkpoint_resumes_only_units_made_with_the_same_settings(tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "neox"])
 def test_last_logits_unembeds_only_the_last_token_and_matches_the_full_logits(arch):
-    from tl_reversed.architecture import last_position_hook
-    from tl_reversed.evaluation import last_logits
+    from tl_reversed.core.architecture import last_position_hook
+    from tl_reversed.experiments.evaluation import last_logits
 
     model = make_tiny(arch)
     batch = prompt_batch(model, (PROMPTS, [" x"] * len(PROMPTS)))

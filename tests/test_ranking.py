@@ -11,9 +11,9 @@ import torch
 from conftest import make_tiny
 
 from tl_reversed import reversed_attention
-from tl_reversed.architecture import EMBED, attn_hook, describe
+from tl_reversed.core.architecture import EMBED, attn_hook, describe
 from tl_reversed.ranking import METHODS, HeadScores, head_scores, shuffled_labels
-from tl_reversed.state import hook_count
+from tl_reversed.core.state import hook_count
 from tl_reversed.tasks import Example, ExampleSet, icl_prompt, make_examples, relation_prompt
 
 # Character-level tiny models: one-character targets are one token.

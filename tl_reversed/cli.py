@@ -1,36 +1,7 @@
-"""The ``tl-reversed`` command line: one module per subcommand under ``tl_reversed.commands``."""
+"""The public path of :mod:`tl_reversed.commands.cli` (the same module object)."""
 
-from __future__ import annotations
-
-import argparse
-import importlib
 import sys
 
-COMMANDS = ("heads", "demo", "lens", "perturbation", "patching")
-"""Subcommand modules; each has ``add_parser(subparsers)`` and ``run(args) -> int``."""
+from tl_reversed.commands import cli as _module
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tl-reversed",
-        description="Reversed Attention for TransformerLens: which heads gradient descent wants to re-aim.",
-    )
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        module = importlib.import_module(f"tl_reversed.commands.{name}")
-        sub = module.add_parser(subparsers)
-        sub.set_defaults(run=module.run)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as error:
-        print(f"tl-reversed {args.command}: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+sys.modules[__name__] = _module

@@ -50,7 +50,7 @@ def format_grid(lens, site: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from tl_reversed import load_model
-    from tl_reversed.backward_lens import backward_lens
+    from tl_reversed.lens.backward_lens import backward_lens
 
     model = load_model(args.model, device=args.device)
     sites = tuple(dict.fromkeys(args.site)) if args.site else SITES

@@ -26,7 +26,7 @@ from tl_reversed.commands.common import Checkpoint, add_model_argument, command_
 
 def float_list(text: str) -> list[float]:
     """``"1,-10,-30"`` -> ``[1.0, -10.0, -30.0]``; ``"paper"`` -> the paper's sweep (argparse type)."""
-    from tl_reversed.attention_patching import PAPER_LRS
+    from tl_reversed.experiments.attention_patching import PAPER_LRS
 
     if text.strip().lower() == "paper":
         return [float(lr) for lr in PAPER_LRS]
@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--iterative also repeats the RA step under the current patch. Each finished sweep is saved under "
         "OUT/.partial/, so a killed run resumes where it stopped.",
     )
-    parser.add_argument("--task", required=True, help="task name, e.g. capitalize (see tl_reversed.tasks.list_tasks())")
+    parser.add_argument("--task", required=True, help="task name, e.g. capitalize (see tl_reversed.experiments.tasks.list_tasks())")
     parser.add_argument("--shots", type=int_list, default=[0, 1, 5], help="shot counts (default 0,1,5)")
     parser.add_argument("--iterative", action="store_true", help="also run iterative RA patching")
     parser.add_argument("--n-train", type=int, default=25, help="training prompts of one length to average (default 25)")
@@ -70,7 +70,7 @@ def pick_length(model, train, test, n_train: int, n_test: int):
     Lengths are ranked by ``(min(train, n_train), min(test, n_test))``, ties to the shorter.
     Returns the length and the two groups, cut to ``n_train`` and ``n_test``.
     """
-    from tl_reversed.tasks import same_length_groups
+    from tl_reversed.experiments.tasks import same_length_groups
 
     train_groups = {g.length: g for g in same_length_groups(model, train)}
     test_groups = {g.length: g for g in same_length_groups(model, test)}
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from tl_reversed import load_model
-    from tl_reversed.tasks import load_task, make_examples
+    from tl_reversed.experiments.tasks import load_task, make_examples
 
     task = load_task(args.task).name
     if args.steps < 1:
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _patching_unit(model, part: str, train, test, lrs: list[float], args: argparse.Namespace) -> dict:
     """One checkpoint unit: the RA sweep, the FA sweep or the iterative run of one shot count."""
-    from tl_reversed.attention_patching import average_maps, evaluate_patching, iterative_patching
+    from tl_reversed.experiments.attention_patching import average_maps, evaluate_patching, iterative_patching
 
     start = time.perf_counter()
     if part == "iterative":
@@ -185,7 +185,7 @@ def _at(unit: dict, lr: float) -> float:
 
 def _best(unit: dict) -> tuple[float, float]:
     """Best lr of a saved sweep (as ``PatchingSweep.best``)."""
-    from tl_reversed.attention_patching import best_lr
+    from tl_reversed.experiments.attention_patching import best_lr
 
     return best_lr(unit["lrs"], unit["accuracy"])
 

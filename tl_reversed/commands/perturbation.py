@@ -27,7 +27,7 @@ METHOD_NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP"
 
 def method_list(text: str) -> list[str]:
     """``"ra,cm1"`` -> ``["ra", "cm1"]``, checked against the known methods (argparse type)."""
-    from tl_reversed.ranking import METHODS
+    from tl_reversed.experiments.ranking import METHODS
 
     values = [part.strip().lower() for part in text.split(",") if part.strip()]
     unknown = [v for v in values if v not in METHODS]
@@ -45,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "report each ranking's AUC in its own order (higher is better) and reversed (lower is better). "
         "Each finished ranking is saved under OUT/.partial/, so a killed run resumes where it stopped.",
     )
-    parser.add_argument("--task", required=True, help="task name, e.g. capitalize (see tl_reversed.tasks.list_tasks())")
+    parser.add_argument("--task", required=True, help="task name, e.g. capitalize (see tl_reversed.experiments.tasks.list_tasks())")
     parser.add_argument("--shots", type=int_list, default=[0, 1, 5, 10], help="shot counts (default 0,1,5,10)")
     parser.add_argument("--methods", type=method_list, default=method_list(DEFAULT_METHODS), help=f"rankings (default {DEFAULT_METHODS})")
     parser.add_argument("--n", type=int, default=50, help="test prompts for the perturbation curves (default 50)")
@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from tl_reversed import load_model
-    from tl_reversed.perturbation import perturbation_test
-    from tl_reversed.ranking import head_scores
-    from tl_reversed.tasks import load_task, make_examples
+    from tl_reversed.experiments.perturbation import perturbation_test
+    from tl_reversed.experiments.ranking import head_scores
+    from tl_reversed.experiments.tasks import load_task, make_examples
 
     task = load_task(args.task).name
     out = Path(args.out)

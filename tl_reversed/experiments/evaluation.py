@@ -27,9 +27,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_reversed.architecture import describe, last_position_hook
-from tl_reversed.backward import model_device
-from tl_reversed.inputs import tokenize
+from tl_reversed.core.architecture import describe, last_position_hook
+from tl_reversed.core.engine import model_device
+from tl_reversed.core.inputs import tokenize
 
 Hook = tuple[str, Callable]
 """A forward hook as TransformerLens takes it: ``(hook_name, fn(activation, hook))``."""
@@ -45,9 +45,9 @@ def as_prompts_targets(examples: object) -> tuple[list[str], list[str]]:
         return [ex.prompt for ex in items], [ex.target for ex in items]
     except (TypeError, AttributeError):
         raise TypeError(
-            f"examples must be a tl_reversed.tasks.ExampleSet, a list of Example or a tuple "
+            f"examples must be a tl_reversed.experiments.tasks.ExampleSet, a list of Example or a tuple "
             f"(prompts, targets); got {type(examples).__name__}. Make them with "
-            "tl_reversed.tasks.make_examples(task, shots=..., model=model)."
+            "tl_reversed.experiments.tasks.make_examples(task, shots=..., model=model)."
         ) from None
 
 
@@ -106,7 +106,7 @@ def prompt_batch(model: object, examples: object) -> PromptBatch:
     """Tokenize examples into a :class:`PromptBatch` (targets scored by their first token)."""
     prompts, targets = as_prompts_targets(examples)
     if not prompts:
-        raise ValueError("no examples given: make some with tl_reversed.tasks.make_examples(task, model=model)")
+        raise ValueError("no examples given: make some with tl_reversed.experiments.tasks.make_examples(task, model=model)")
     batch = tokenize(model, prompts, targets, describe(model), need_targets=True)
     width = int(batch.prompt_lengths.max())
     return PromptBatch(
@@ -129,7 +129,7 @@ def last_logits(
     """Logits at each prompt's last token with ``hooks`` on, in float32 on the CPU.
 
     Runs under ``torch.no_grad``; the caller keeps the model untouched
-    (:func:`tl_reversed.state.untouched`).
+    (:func:`tl_reversed.core.state.untouched`).
     """
     device = model_device(model)
     out: Tensor | None = None
@@ -153,7 +153,7 @@ def at_last(logits: Float[Tensor, "batch pos d_vocab"], batch: PromptBatch) -> F
     """Each row's logits at its last prompt token.
 
     Also takes the ``[batch, 1, d_vocab]`` logits of a run under
-    :func:`tl_reversed.architecture.last_position_hook`, which hold that position alone.
+    :func:`tl_reversed.core.architecture.last_position_hook`, which hold that position alone.
     """
     if logits.shape[1] == 1:
         return logits[:, 0]

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_reversed.architecture import ModelSpec
+from tl_reversed.core.architecture import ModelSpec
 
 PromptsLike = str | Sequence[str] | Tensor
 TargetsLike = str | Sequence[str] | None
@@ -173,7 +173,7 @@ def target_loss(
 
     ``picked=True`` takes the logits of the :func:`target_positions` alone, in their
     order (``[n, 1, vocab]``, from a run under
-    :func:`tl_reversed.architecture.positions_hook`), instead of the full logits.
+    :func:`tl_reversed.core.architecture.positions_hook`), instead of the full logits.
 
     All target positions are picked with one indexing operation: indexing example by
     example would make the backward pass add one logits-sized zero tensor per example

@@ -1,6 +1,6 @@
 """One forward and one backward pass with hooks: the machinery every method shares.
 
-The parameters are frozen (see :mod:`tl_reversed.state`), so the backward pass starts
+The parameters are frozen (see :mod:`tl_reversed.core.state`), so the backward pass starts
 from the embeddings: a forward hook on ``hook_embed`` returns a detached copy that
 requires grad. Backward hooks (``hook_z`` and friends) then receive the gradient of
 the per-example loss, and no parameter gradient is ever computed or stored.
@@ -14,8 +14,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_reversed.architecture import EMBED, positions_hook
-from tl_reversed.inputs import Batch, target_loss, target_positions
+from tl_reversed.core.architecture import EMBED, positions_hook
+from tl_reversed.core.inputs import Batch, target_loss, target_positions
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Float[Tensor, " batch"]]
 """A loss to differentiate: logits and input tokens in, one loss per example out."""
@@ -66,7 +66,7 @@ def forward_backward(
     they run before ours on the same hook points. Returns the per-example loss.
 
     The default loss (``metric=None``) reads the target positions alone, so only those
-    are unembedded (:func:`tl_reversed.architecture.positions_hook`, added after every
+    are unembedded (:func:`tl_reversed.core.architecture.positions_hook`, added after every
     other hook): the same gradients, without the logits of every other position.
     A ``metric``, or a hook on the unembedding's input or output, gets the full logits.
     """

@@ -1,0 +1,357 @@
+"""Reversed Attention: the gradient of the loss with respect to each head's Q.K^T.
+
+For one head with forward pattern ``A`` ``[query_pos, key_pos]``, values ``V``
+``[key_pos, d_head]`` and the gradient at ``hook_z`` ``dZ`` ``[query_pos, d_head]``::
+
+    G  = dZ @ V^T                        # dL/dA (paper eq. 14)
+    RA = A * (G - rowsum(A * G)) * c     # softmax derivative times the QK scale (eq. 15-17)
+
+RA is the gradient with respect to the unscaled products ``Q @ K^T`` (the paper's R):
+lower-triangular, every row sums to zero. A gradient-descent step moves attention
+along ``-RA``: where RA is negative, the step raises attention to that key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import einops
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
+from tl_reversed.core.engine import Metric, chunks, forward_backward
+from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
+from tl_reversed.core.state import untouched
+
+KEEP = ("maps", "norms")
+
+
+def ra_from_parts(
+    pattern: Float[Tensor, "batch head query_pos key_pos"],
+    v: Float[Tensor, "batch key_pos kv_head d_head"],
+    grad_z: Float[Tensor, "batch query_pos head d_head"],
+    scale: float,
+) -> Float[Tensor, "batch head query_pos key_pos"]:
+    """RA of every head of one layer from the pattern, values and ``grad(hook_z)``.
+
+    Computed in float32 (float64 for float64 inputs), whatever the model's dtype.
+    """
+    dtype = accumulation_dtype(grad_z.dtype)
+    values = repeat_kv(v.to(dtype), pattern.shape[1])
+    grad_pattern = einops.einsum(grad_z.to(dtype), values, "b q h d, b k h d -> b h q k")
+    a = pattern.to(dtype)
+    return a * (grad_pattern - (a * grad_pattern).sum(-1, keepdim=True)) * scale
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other dtype (half, bfloat16, float32) accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_layers(layers: Sequence[int] | int | None, spec: ModelSpec) -> list[int]:
+    """The layer indices to use, validated against the model."""
+    if layers is None:
+        return list(range(spec.n_layers))
+    chosen = [layers] if isinstance(layers, int) else list(layers)
+    if not chosen:
+        raise ValueError("layers is empty: pass None for all layers or a list of layer indices")
+    bad = [layer for layer in chosen if not isinstance(layer, int) or not 0 <= layer < spec.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the model has {spec.n_layers} layers (0..{spec.n_layers - 1})")
+    return chosen
+
+
+@dataclass
+class ReversedAttention:
+    """RA maps and norms for a batch of prompts.
+
+    Attributes:
+        norms: Frobenius norm of each head's RA map ``[batch, layer, head]``.
+        pattern_norms: Frobenius norm of each head's forward attention ``[batch, layer, head]``.
+        loss: the per-example loss that was differentiated.
+        tokens: the input tokens (prompt, then target minus its last token), right-padded.
+        lengths: the real length of each row of ``tokens``.
+        str_tokens: the input tokens as strings, one list per example (no padding).
+        layers: the model layers along the ``layer`` axis.
+        maps: RA ``[batch, layer, head, query_pos, key_pos]`` (``keep="maps"`` only), zero
+            on padding.
+        pattern: forward attention, same shape (``keep="maps"`` only).
+        prompts, targets: the strings given, if any.
+    """
+
+    norms: Float[Tensor, "batch layer head"]
+    pattern_norms: Float[Tensor, "batch layer head"]
+    loss: Float[Tensor, " batch"]
+    tokens: Int[Tensor, "batch pos"]
+    lengths: Int[Tensor, " batch"]
+    str_tokens: list[list[str]]
+    layers: list[int]
+    maps: Float[Tensor, "batch layer head query_pos key_pos"] | None = None
+    pattern: Float[Tensor, "batch layer head query_pos key_pos"] | None = None
+    prompts: list[str] | None = None
+    targets: list[str] | None = None
+    scales: tuple[float, ...] = field(default=(), repr=False)
+
+    def __len__(self) -> int:
+        return self.norms.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.norms.shape[2]
+
+    def mean_norms(self) -> Float[Tensor, "layer head"]:
+        """Mean over examples of each head's RA norm (the paper's head score)."""
+        return self.norms.mean(0)
+
+    def top_heads(self, k: int = 10) -> list[tuple[int, int]]:
+        """The ``k`` heads with the largest mean RA norm, as ``(layer, head)``, largest first."""
+        scores = self.mean_norms()
+        order = scores.flatten().argsort(descending=True)[:k]
+        return [(self.layers[int(i) // self.n_heads], int(i) % self.n_heads) for i in order]
+
+    def _layer_index(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise ValueError(f"layer {layer} was not computed; this result has layers {self.layers}")
+        return self.layers.index(layer)
+
+    def _example(self, example: int) -> int:
+        if not -len(self) <= example < len(self):
+            raise IndexError(f"example {example} out of range for {len(self)} examples")
+        return example % len(self)
+
+    def head(self, layer: int, head: int, example: int = 0) -> Float[Tensor, "query_pos key_pos"]:
+        """RA map of one head for one example, trimmed to the example's real tokens."""
+        if self.maps is None:
+            raise ValueError("this result kept only norms: call reversed_attention(..., keep='maps')")
+        if not 0 <= head < self.n_heads:
+            raise ValueError(f"head {head} out of range: the model has {self.n_heads} heads")
+        i = self._example(example)
+        n = int(self.lengths[i])
+        return self.maps[i, self._layer_index(layer), head, :n, :n]
+
+    def head_pattern(self, layer: int, head: int, example: int = 0) -> Float[Tensor, "query_pos key_pos"]:
+        """Forward attention of one head for one example, trimmed like :meth:`head`."""
+        if self.pattern is None:
+            raise ValueError("this result kept only norms: call reversed_attention(..., keep='maps')")
+        i = self._example(example)
+        n = int(self.lengths[i])
+        return self.pattern[i, self._layer_index(layer), head, :n, :n]
+
+    def describe_head(self, layer: int, head: int, example: int = 0, k: int = 3, min_share: float = 0.01) -> dict:
+        """The query row that dominates a head's map and the keys it pushes up and down most.
+
+        A descent step moves attention along ``-RA``: the most negative entries of the
+        dominant row are the keys the step attends to more ("up"), the most positive the
+        keys it attends to less ("down"). Entries smaller than ``min_share`` times the
+        row's largest magnitude are left out (noise, not a push).
+        """
+        ra = self.head(layer, head, example)
+        tokens = self.str_tokens[self._example(example)]
+        row = int(ra.norm(dim=-1).argmax())
+        values = ra[row, : row + 1]
+        k = min(k, row + 1)
+        up = values.argsort()[:k].tolist()
+        down = values.argsort(descending=True)[:k].tolist()
+        floor = min_share * float(values.abs().max())
+        return {
+            "layer": layer,
+            "head": head,
+            "ra_norm": float(self.norms[self._example(example), self._layer_index(layer), head]),
+            "query_pos": row,
+            "query_token": tokens[row],
+            "pushed_up": [(tokens[j], float(values[j])) for j in up if values[j] < -floor],
+            "pushed_down": [(tokens[j], float(values[j])) for j in down if values[j] > floor],
+        }
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per (example, layer, head): RA norm and forward-attention norm."""
+        n, n_layers, n_heads = self.norms.shape
+        grid = torch.cartesian_prod(torch.arange(n), torch.arange(n_layers), torch.arange(n_heads))
+        return pd.DataFrame(
+            {
+                "example": grid[:, 0].numpy(),
+                "layer": [self.layers[i] for i in grid[:, 1].tolist()],
+                "head": grid[:, 2].numpy(),
+                "ra_norm": self.norms.flatten().numpy(),
+                "fa_norm": self.pattern_norms.flatten().numpy(),
+            }
+        )
+
+    def plot(self, **kwargs: object):
+        """Layer x head heatmaps of forward-attention and RA norms (a matplotlib Figure)."""
+        from tl_reversed.views.plotting import plot_norms
+
+        return plot_norms(self, **kwargs)
+
+    def to_html(self, path, heads=None, example=0):
+        """Write an interactive, offline HTML page of chosen heads' maps (see :func:`tl_reversed.views.html.to_html`)."""
+        from tl_reversed.views.html import to_html
+
+        return to_html(self, path, heads=heads, example=example)
+
+
+class _LayerSink:
+    """Receives each layer's RA inside the backward hook and keeps what ``keep`` asks for."""
+
+    def __init__(self, spec: ModelSpec, layers: list[int], batch: Batch, keep: str, model: torch.nn.Module):
+        n, width = batch.tokens.shape
+        param = next(model.parameters())
+        dtype = accumulation_dtype(param.dtype)
+        self.spec, self.layers, self.keep = spec, layers, keep
+        self.mask = batch.key_mask().to(param.device, dtype)[:, None]
+        self.saved: dict[tuple[str, int], Tensor] = {}
+        self.finite = True
+        self.norms = torch.zeros(n, len(layers), spec.n_heads, dtype=dtype)
+        self.pattern_norms = torch.zeros_like(self.norms)
+        shape = (n, len(layers), spec.n_heads, width, width)
+        self.maps = torch.zeros(shape, dtype=dtype) if keep == "maps" else None
+        self.pattern = torch.zeros(shape, dtype=dtype) if keep == "maps" else None
+
+    def hooks(self) -> tuple[list, list]:
+        fwd, bwd = [], []
+        for i, layer in enumerate(self.layers):
+            for name in ("v", "pattern"):
+                fwd.append((attn_hook(layer, name), self._save(name, layer)))
+            bwd.append((attn_hook(layer, "z"), self._on_grad(i, layer)))
+        return fwd, bwd
+
+    def _save(self, name: str, layer: int):
+        def hook(x: Tensor, hook: object) -> None:
+            self.saved[(name, layer)] = x.detach()
+
+        return hook
+
+    def _on_grad(self, i: int, layer: int):
+        def hook(grad: Tensor, hook: object) -> None:
+            pattern = self.saved.pop(("pattern", layer))
+            v = self.saved.pop(("v", layer))
+            self.finite &= bool(torch.isfinite(grad).all())
+            ra = ra_from_parts(pattern, v, grad, self.spec.scales[layer]) * self.mask
+            forward = pattern.to(self.mask.dtype) * self.mask
+            self.norms[:, i] = ra.flatten(-2).norm(dim=-1).cpu()
+            self.pattern_norms[:, i] = forward.flatten(-2).norm(dim=-1).cpu()
+            if self.maps is not None:
+                self.maps[:, i] = ra.cpu()
+                self.pattern[:, i] = forward.cpu()  # type: ignore[index]
+
+        return hook
+
+
+def ra_pass(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    batch: Batch,
+    metric: Metric | None,
+    layers: list[int],
+    keep: str,
+    extra_hooks: Sequence = (),
+) -> tuple[_LayerSink, Tensor]:
+    """One forward and backward pass over ``batch``; returns the filled sink and the loss."""
+    sink = _LayerSink(spec, layers, batch, keep, model)
+    fwd, bwd = sink.hooks()
+    loss = forward_backward(model, batch, metric, fwd, bwd, extra_hooks)
+    if not sink.finite:
+        raise FloatingPointError(
+            "the gradient at hook_z has NaN or inf entries: the model overflowed in its dtype; "
+            "run it in float32 (load_model(..., dtype=torch.float32)) or shorten the prompt"
+        )
+    return sink, loss
+
+
+def reversed_attention(
+    model: torch.nn.Module,
+    prompts: PromptsLike,
+    targets: TargetsLike = None,
+    *,
+    metric: Metric | None = None,
+    layers: Sequence[int] | int | None = None,
+    keep: str = "maps",
+    batch_size: int | None = 16,
+    progress: bool | None = None,
+    extra_hooks: Sequence = (),
+) -> ReversedAttention:
+    """Reversed Attention of every head for prompts and targets.
+
+    Args:
+        model: a TransformerBridge (compatibility mode) or HookedTransformer.
+        prompts: a string, a list of strings, or a token tensor ``[batch, pos]``.
+        targets: one string per prompt whose tokens follow it (e.g. ``" Paris"``). The loss
+            is the target cross-entropy, teacher-forced, summed over target tokens, per example.
+        metric: instead of targets, any callable ``(logits, tokens) -> [batch]`` loss
+            (e.g. :func:`tl_reversed.metrics.logit_difference`). Rows of one length are
+            batched together so the metric sees no padding.
+        layers: the layers to compute (default all).
+        keep: ``"maps"`` keeps every map; ``"norms"`` keeps ``[batch, layer, head]`` only.
+        batch_size: examples per forward/backward pass (``None``: all at once).
+        progress: show a progress bar (default: when there is more than one batch).
+        extra_hooks: forward hooks that stay on during the pass, e.g. an attention patch.
+
+    Returns:
+        A :class:`ReversedAttention` result.
+    """
+    spec = describe(model)
+    chosen = check_layers(layers, spec)
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
+    dtype = accumulation_dtype(next(model.parameters()).dtype)
+    loss = torch.zeros(len(batch), dtype=dtype)
+    sinks: list[tuple[Tensor, _LayerSink]] = []
+    parts = chunks(batch, batch_size, same_length=metric is not None)
+    show = len(parts) > 1 if progress is None else progress
+    with untouched(model):
+        for index in tqdm(parts, desc="reversed attention", disable=not show, leave=False):
+            sink, sub_loss = ra_pass(model, spec, batch.rows(index), metric, chosen, keep, extra_hooks)
+            idx = torch.tensor(index)
+            loss[idx] = sub_loss.to(dtype)
+            sinks.append((idx, sink))
+    return assemble(model, spec, chosen, batch, loss, keep, sinks)
+
+
+def assemble(
+    model: object,
+    spec: ModelSpec,
+    layers: list[int],
+    batch: Batch,
+    loss: Tensor,
+    keep: str,
+    sinks: Sequence[tuple[Tensor, _LayerSink]],
+) -> ReversedAttention:
+    """The :class:`ReversedAttention` of a batch from the sinks its mini-batches filled."""
+    n, width = batch.tokens.shape
+    norms = torch.zeros(n, len(layers), spec.n_heads, dtype=loss.dtype)
+    pattern_norms = torch.zeros_like(norms)
+    maps = torch.zeros(n, len(layers), spec.n_heads, width, width, dtype=loss.dtype) if keep == "maps" else None
+    pattern = torch.zeros_like(maps) if maps is not None else None
+    for idx, sink in sinks:
+        norms[idx], pattern_norms[idx] = sink.norms, sink.pattern_norms
+        if maps is not None and pattern is not None:
+            w = sink.maps.shape[-1]  # type: ignore[union-attr]
+            maps[idx, :, :, :w, :w] = sink.maps
+            pattern[idx, :, :, :w, :w] = sink.pattern
+    return ReversedAttention(
+        norms=norms,
+        pattern_norms=pattern_norms,
+        loss=loss,
+        tokens=batch.tokens,
+        lengths=batch.lengths,
+        str_tokens=_str_tokens(model, batch),
+        layers=layers,
+        maps=maps,
+        pattern=pattern,
+        prompts=batch.prompts,
+        targets=batch.target_strings,
+        scales=spec.scales,
+    )
+
+
+def _str_tokens(model: object, batch: Batch) -> list[list[str]]:
+    return [
+        list(model.to_str_tokens(batch.tokens[i, : int(n)]))  # type: ignore[attr-defined]
+        for i, n in enumerate(batch.lengths)
+    ]

@@ -1,0 +1,531 @@
+"""Task data for the Reversed Attention experiments: loading, splitting, prompts.
+
+The paper (Katz & Wolf, NAACL 2025) evaluates two kinds of tasks:
+
+* ``"icl"``: Todd et al.'s in-context-learning pairs (``function_vectors/``).
+  A prompt is ``"Q: {x}\\nA: {y}\\n\\n"`` per demonstration, then
+  ``"Q: {x}\\nA:"``; see :func:`icl_prompt`.
+* ``"relation"``: Hernandez et al.'s relations (``relations/``), asked as natural
+  questions with the relation's cloze template, e.g.
+  ``"The capital city of {} is"``; see :func:`relation_prompt`.
+
+In both cases the target is the answer with one leading space, ``" {y}"``.
+
+Typical use::
+
+    from tl_reversed.experiments.tasks import make_examples, same_length_groups
+
+    train = make_examples("capitalize", shots=5, split="train", model=model)
+    for group in same_length_groups(model, train, min_size=2):
+        ...  # group.length, group.prompts, group.targets
+
+Everything is deterministic for a given ``seed``: all randomness comes from
+private :class:`random.Random` instances, never from the global generator.
+The data files ship inside the package (``tl_reversed/data``, MIT licensed;
+``data/SOURCES.md`` names the upstream commits).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, overload
+
+import pandas as pd
+
+__all__ = [
+    "DATA_DIR",
+    "TASKS",
+    "Example",
+    "ExampleSet",
+    "Task",
+    "TaskInfo",
+    "icl_prompt",
+    "list_tasks",
+    "load_task",
+    "make_examples",
+    "normalise_task_name",
+    "relation_prompt",
+    "same_length_groups",
+    "train_test_split",
+]
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+"""Folder holding the packaged task files."""
+
+TEST_FRACTION = 1 / 3
+"""Share of each task's distinct pairs held out as test data (as in the paper)."""
+
+Pair = tuple[str, str]
+TaskKind = Literal["icl", "relation"]
+Split = Literal["test", "train", "all"]
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Where a task lives: its canonical ``name``, ``kind`` and data ``path``.
+
+    ``path`` is relative to :data:`DATA_DIR`.
+    """
+
+    name: str
+    kind: TaskKind
+    path: str
+
+
+_ICL_TASKS = (
+    "adjective_v_verb_3",
+    "alphabetically_first_3",
+    "animal_v_object_3",
+    "antonym",
+    "capitalize",
+    "capitalize_first_letter",
+    "choose_middle_of_3",
+    "country-capital",
+    "english-french",
+    "next_item",
+    "person-sport",
+    "present-past",
+    "prev_item",
+    "singular-plural",
+    "synonym",
+    "landmark-country",
+    "next_capital_letter",
+)
+
+_RELATION_TASKS = {
+    "company_hq": "factual",
+    "landmark_in_country": "factual",
+    "person_plays_pro_sport": "factual",
+    "product_by_company": "factual",
+    "country_capital_city": "factual",
+    "verb_past_tense": "linguistic",
+}
+
+
+def _build_registry() -> dict[str, TaskInfo]:
+    """All packaged tasks, keyed by canonical name (the upstream file stem)."""
+    infos = [TaskInfo(name, "icl", f"function_vectors/{name}.json") for name in _ICL_TASKS]
+    infos += [
+        TaskInfo(name, "relation", f"relations/{category}/{name}.json")
+        for name, category in _RELATION_TASKS.items()
+    ]
+    return {info.name: info for info in sorted(infos, key=lambda info: info.name)}
+
+
+TASKS: MappingProxyType[str, TaskInfo] = MappingProxyType(_build_registry())
+"""Read-only mapping from canonical task name to :class:`TaskInfo`."""
+
+
+def normalise_task_name(name: str) -> str:
+    """Lower-case ``name`` and treat ``-``, ``_`` and spaces alike.
+
+    ``"Country-Capital"``, ``"country_capital"`` and ``"country capital"`` all
+    normalise to ``"country_capital"``.
+    """
+    return "_".join(name.strip().lower().replace("-", " ").replace("_", " ").split())
+
+
+_BY_NORMALISED = {normalise_task_name(name): name for name in TASKS}
+assert len(_BY_NORMALISED) == len(TASKS), "two task names normalise to the same key"
+
+
+def list_tasks() -> list[str]:
+    """Sorted canonical names of all packaged tasks."""
+    return sorted(TASKS)
+
+
+def _resolve_name(name: str) -> str:
+    """Canonical name for a user-typed task name; ValueError if unknown."""
+    key = normalise_task_name(name)
+    if key in _BY_NORMALISED:
+        return _BY_NORMALISED[key]
+    close = difflib.get_close_matches(key, list(_BY_NORMALISED), n=1, cutoff=0.5)
+    hint = f" Did you mean {_BY_NORMALISED[close[0]]!r}?" if close else ""
+    raise ValueError(
+        f"Unknown task {name!r}.{hint} Valid tasks (hyphens and underscores are "
+        f"interchangeable): {', '.join(list_tasks())}."
+    )
+
+
+# --------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task's distinct (input, output) pairs and, for relations, templates.
+
+    ``pairs`` keeps the first occurrence of every distinct pair in file order.
+    ``templates`` are the relation's few-shot cloze templates
+    (``prompt_templates``) and ``zs_templates`` its zero-shot ones
+    (``prompt_templates_zs``); both are empty for ICL tasks, whose prompt format
+    is fixed (:func:`icl_prompt`).
+    """
+
+    name: str
+    kind: TaskKind
+    pairs: tuple[Pair, ...]
+    templates: tuple[str, ...] = ()
+    zs_templates: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def _read_json(relative_path: str) -> Any:
+    """Parse a packaged data file."""
+    with open(DATA_DIR / relative_path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _dedupe(pairs: Iterable[Pair]) -> tuple[Pair, ...]:
+    """Drop repeated pairs, keeping first occurrences in order."""
+    return tuple(dict.fromkeys(pairs))
+
+
+@lru_cache(maxsize=None)
+def _load_canonical(name: str) -> Task:
+    """Read and cache the task with canonical ``name``."""
+    info = TASKS[name]
+    data = _read_json(info.path)
+    if info.kind == "icl":
+        pairs = _dedupe((record["input"], record["output"]) for record in data)
+        return Task(name, "icl", pairs)
+    pairs = _dedupe((sample["subject"], sample["object"]) for sample in data["samples"])
+    return Task(
+        name,
+        "relation",
+        pairs,
+        templates=tuple(data["prompt_templates"]),
+        zs_templates=tuple(data["prompt_templates_zs"]),
+    )
+
+
+def load_task(name: str) -> Task:
+    """Load a packaged task by name (hyphens/underscores/case ignored).
+
+    Raises ValueError naming the valid tasks, and the closest one, when
+    ``name`` is unknown.
+    """
+    return _load_canonical(_resolve_name(name))
+
+
+def _as_task(task: str | Task) -> Task:
+    """Accept a task name or an already loaded :class:`Task`."""
+    return task if isinstance(task, Task) else load_task(task)
+
+
+# --------------------------------------------------------------------------
+# Prompt formats
+# --------------------------------------------------------------------------
+
+
+def icl_prompt(demos: Iterable[Pair], query_x: str) -> str:
+    """Todd et al.'s ICL prompt: ``"Q: {x}\\nA: {y}\\n\\n"`` per demo, then the query.
+
+    >>> icl_prompt([("hot", "cold")], "up")
+    'Q: hot\\nA: cold\\n\\nQ: up\\nA:'
+    """
+    return "".join(f"Q: {x}\nA: {y}\n\n" for x, y in demos) + f"Q: {query_x}\nA:"
+
+
+def relation_prompt(template: str, x: str, demos: Iterable[Pair] = ()) -> str:
+    """Natural-question prompt in Hernandez et al.'s few-shot format.
+
+    Each demonstration is the filled template followed by a space and its
+    answer, one per line; the last line is the filled template for ``x``
+    (no trailing space: the target carries it).
+
+    >>> relation_prompt("The capital city of {} is", "France", [("Spain", "Madrid")])
+    'The capital city of Spain is Madrid\\nThe capital city of France is'
+    """
+    if "{}" not in template:
+        raise ValueError(f"Template {template!r} has no '{{}}' slot for the subject.")
+    lines = [f"{template.format(dx)} {dy}" for dx, dy in demos]
+    return "\n".join([*lines, template.format(x)])
+
+
+def _target(y: str) -> str:
+    """The token(s) the model should produce: the answer after one space."""
+    return f" {y}"
+
+
+def _prompt_builder(task: Task, template: int | str):
+    """A ``(demos, x) -> prompt`` function for ``task`` and the chosen template."""
+    if task.kind == "icl":
+        if template != 0:
+            raise ValueError(
+                f"Task {task.name!r} is an ICL task with the fixed Q:/A: format; "
+                f"`template` applies only to relation tasks (got {template!r})."
+            )
+        return icl_prompt
+    if isinstance(template, str):
+        chosen = template
+    elif -len(task.templates) <= template < len(task.templates):
+        chosen = task.templates[template]
+    else:
+        raise ValueError(
+            f"Task {task.name!r} has {len(task.templates)} templates "
+            f"{list(task.templates)}; template index {template} is out of range. "
+            "Pass an index or a template string with a '{}' slot."
+        )
+    relation_prompt(chosen, "")  # validate the slot once, up front
+    return lambda demos, x: relation_prompt(chosen, x, demos)
+
+
+# --------------------------------------------------------------------------
+# Examples
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with its target.
+
+    ``x``/``y`` are the query pair, ``target == " " + y``; ``demos`` are the
+    (input, output) demonstrations shown in the prompt, in order (outputs as
+    shown, i.e. already shuffled for corrupted prompts).
+    """
+
+    prompt: str
+    target: str
+    x: str
+    y: str
+    demos: tuple[Pair, ...] = ()
+
+
+@dataclass
+class ExampleSet:
+    """A list of :class:`Example` with the settings that produced it.
+
+    ``dropped`` counts candidate examples removed because their target is not a
+    single token. ``length`` is the shared token length of the prompts (with
+    BOS) for groups made by :func:`same_length_groups`, else None.
+    """
+
+    task: str | None
+    shots: int | None
+    examples: list[Example]
+    dropped: int = 0
+    length: int | None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt strings, in order."""
+        return [example.prompt for example in self.examples]
+
+    @property
+    def targets(self) -> list[str]:
+        """The target strings (``" {y}"``), in order."""
+        return [example.target for example in self.examples]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self.examples)
+
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ExampleSet: ...
+
+    def __getitem__(self, index: int | slice) -> Example | ExampleSet:
+        """An example by position, or an ExampleSet for a slice."""
+        if isinstance(index, slice):
+            return replace(self, examples=self.examples[index])
+        return self.examples[index]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per example: task, shots, x, y, prompt, target, n_demos."""
+        columns = ["task", "shots", "x", "y", "prompt", "target", "n_demos"]
+        rows = [
+            (self.task, self.shots, ex.x, ex.y, ex.prompt, ex.target, len(ex.demos))
+            for ex in self.examples
+        ]
+        return pd.DataFrame(rows, columns=columns)
+
+
+def _n_test(n_pairs: int) -> int:
+    """Size of the held-out test set: a third, at least one pair on each side."""
+    if n_pairs < 2:
+        return 0
+    return min(max(round(n_pairs * TEST_FRACTION), 1), n_pairs - 1)
+
+
+def train_test_split(task: str | Task, seed: int = 0) -> tuple[tuple[Pair, ...], tuple[Pair, ...]]:
+    """Seeded split of a task's distinct pairs into ``(train, test)``.
+
+    The pairs are shuffled with ``random.Random(seed)``; the first third
+    (rounded) is the test set, the rest the training set. Both keep the shuffled
+    order, are disjoint and together hold every pair.
+    """
+    pairs = _as_task(task).pairs
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_test = _n_test(len(pairs))
+    test = tuple(pairs[i] for i in order[:n_test])
+    train = tuple(pairs[i] for i in order[n_test:])
+    return train, test
+
+
+def _draw_demos(
+    rng: random.Random,
+    train: Sequence[Pair],
+    indices_by_input: dict[str, set[int]],
+    x: str,
+    shots: int,
+) -> list[Pair]:
+    """Draw ``shots`` distinct training pairs whose input differs from ``x``.
+
+    Excluding every pair with the query's input (not just the query pair) keeps
+    the answer, or a conflicting one, out of the demonstrations.
+    """
+    if shots == 0:
+        return []
+    excluded = indices_by_input.get(x, set())
+    k = min(len(train), shots + len(excluded))
+    picks = [i for i in rng.sample(range(len(train)), k) if i not in excluded][:shots]
+    if len(picks) < shots:
+        raise ValueError(
+            f"Only {len(train) - len(excluded)} training pairs are available as "
+            f"demonstrations for query {x!r}; cannot draw {shots}. Use fewer shots."
+        )
+    return [train[i] for i in picks]
+
+
+def _shuffle_outputs(rng: random.Random, demos: list[Pair]) -> list[Pair]:
+    """Permute the outputs among the demonstrations, inputs staying in place."""
+    outputs = [y for _, y in demos]
+    rng.shuffle(outputs)
+    return [(x, y) for (x, _), y in zip(demos, outputs)]
+
+
+def _queries(train: tuple[Pair, ...], test: tuple[Pair, ...], split: str) -> tuple[Pair, ...]:
+    """The query pairs for a split name."""
+    by_split = {"test": test, "train": train, "all": test + train}
+    if split not in by_split:
+        raise ValueError(f"split must be one of {list(by_split)}, got {split!r}.")
+    return by_split[split]
+
+
+def _single_token_filter(model: Any, examples: list[Example]) -> tuple[list[Example], int]:
+    """Keep examples whose target is exactly one token; return them and the drop count."""
+    cache: dict[str, bool] = {}
+
+    def is_single(target: str) -> bool:
+        if target not in cache:
+            cache[target] = model.to_tokens(target, prepend_bos=False).shape[-1] == 1
+        return cache[target]
+
+    kept = [example for example in examples if is_single(example.target)]
+    return kept, len(examples) - len(kept)
+
+
+def make_examples(
+    task: str | Task,
+    *,
+    shots: int = 0,
+    n: int | None = None,
+    seed: int = 0,
+    split: Split = "test",
+    template: int | str = 0,
+    shuffle_labels: bool = False,
+    model: Any = None,
+) -> ExampleSet:
+    """Build prompts with ``shots`` demonstrations for one task.
+
+    Args:
+        task: task name (see :func:`list_tasks`) or a loaded :class:`Task`.
+        shots: demonstrations per prompt (the paper uses 0, 1, 5 and 10).
+        n: return at most the first ``n`` examples (applied after dropping).
+        seed: fixes the train/test split (:func:`train_test_split`), the
+            demonstrations and the label shuffle.
+        split: which pairs become queries: ``"test"`` (the held-out third),
+            ``"train"`` or ``"all"`` (test then train). Demonstrations always
+            come from the training pairs, never with the query's input.
+        template: relation tasks only: index into ``Task.templates`` or a
+            template string with a ``{}`` slot (e.g. ``task.zs_templates[0]``).
+        shuffle_labels: permute the outputs among each prompt's demonstrations
+            (Todd et al.'s corrupted prompts). Queries, targets and demo inputs
+            are the same as with ``shuffle_labels=False`` and the same seed,
+            so clean and corrupted sets line up example by example.
+        model: optional TransformerLens model (only ``model.to_tokens`` is
+            used); examples whose target is not exactly one token are dropped
+            and counted in ``ExampleSet.dropped``.
+
+    The order of the examples follows the seeded shuffle, so the first ``n``
+    are a random sample, and a smaller ``n`` gives a prefix of a larger one.
+    """
+    task = _as_task(task)
+    if shots < 0:
+        raise ValueError(f"shots must be >= 0, got {shots}.")
+    if n is not None and n < 0:
+        raise ValueError(f"n must be None or >= 0, got {n}.")
+    build_prompt = _prompt_builder(task, template)
+    train, test = train_test_split(task, seed)
+    queries = _queries(train, test, split)
+
+    indices_by_input: dict[str, set[int]] = {}
+    for i, (x, _) in enumerate(train):
+        indices_by_input.setdefault(x, set()).add(i)
+    demo_rng = random.Random(f"tl_reversed.experiments.tasks:demos:{seed}")
+    label_rng = random.Random(f"tl_reversed.experiments.tasks:labels:{seed}")
+
+    examples = []
+    for x, y in queries:
+        demos = _draw_demos(demo_rng, train, indices_by_input, x, shots)
+        if shuffle_labels:
+            demos = _shuffle_outputs(label_rng, demos)
+        examples.append(Example(build_prompt(demos, x), _target(y), x, y, tuple(demos)))
+
+    dropped = 0
+    if model is not None:
+        examples, dropped = _single_token_filter(model, examples)
+    if n is not None:
+        examples = examples[:n]
+    return ExampleSet(task.name, shots, examples, dropped)
+
+
+# --------------------------------------------------------------------------
+# Grouping by prompt length
+# --------------------------------------------------------------------------
+
+
+def same_length_groups(
+    model: Any, examples: ExampleSet | Iterable[Example], min_size: int = 1
+) -> list[ExampleSet]:
+    """Split examples into groups whose prompts have the same token length.
+
+    Lengths come from ``model.to_tokens(prompt)`` (BOS as the model adds it).
+    Groups smaller than ``min_size`` are left out; the rest are returned
+    largest first (ties: shorter prompts first), each keeping the input order
+    and recording its ``length``. Attention patching with a mean RA map needs
+    prompts of one length.
+    """
+    task = examples.task if isinstance(examples, ExampleSet) else None
+    shots = examples.shots if isinstance(examples, ExampleSet) else None
+    by_length: dict[int, list[Example]] = {}
+    for example in examples:
+        length = int(model.to_tokens(example.prompt).shape[-1])
+        by_length.setdefault(length, []).append(example)
+    groups = [
+        ExampleSet(task, shots, members, dropped=0, length=length)
+        for length, members in by_length.items()
+        if len(members) >= min_size
+    ]
+    return sorted(groups, key=lambda group: (-len(group), group.length))

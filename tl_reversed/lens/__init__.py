@@ -1,0 +1,4 @@
+"""The backward lens: gradients read in the vocabulary.
+
+Built on :mod:`tl_reversed.core`.
+"""
