@@ -374,13 +374,23 @@ def positions_hook(
     if UNEMBED_IN not in getattr(model, "hook_dict", {}) or _hooks_at_unembed([name for name, _ in beside]):
         return None
 
-    def keep(x: torch.Tensor, hook: object) -> torch.Tensor:
-        cols = keep.cols.to(x.device)
-        rows = torch.arange(x.shape[0], device=x.device) if keep.rows is None else keep.rows.to(x.device)
-        return x[rows, cols][:, None]
-
-    keep.cols, keep.rows = cols, rows  # type: ignore[attr-defined]
+    keep = KeepPositions(cols, rows)
     return UNEMBED_IN, keep
+
+
+class KeepPositions:
+    """The hook of :func:`positions_hook`: keeps positions ``(rows[i], cols[i])`` of the unembedding's input.
+
+    ``cols`` and ``rows`` may be replaced between calls (a mini-batch loop reuses one hook).
+    """
+
+    def __init__(self, cols: torch.Tensor, rows: torch.Tensor | None = None):
+        self.cols, self.rows = cols, rows
+
+    def __call__(self, x: torch.Tensor, hook: object) -> torch.Tensor:
+        cols = self.cols.to(x.device)
+        rows = torch.arange(x.shape[0], device=x.device) if self.rows is None else self.rows.to(x.device)
+        return x[rows, cols][:, None]
 
 
 def _hooks_at_unembed(names: Sequence[object]) -> bool:

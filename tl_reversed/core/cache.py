@@ -15,10 +15,9 @@ import torch
 from torch import Tensor
 
 from tl_reversed.core.architecture import EMBED, attn_hook, describe
-from tl_reversed.core.engine import Metric, forward_backward
+from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.reversed_attention import ReversedAttention, check_layers, ra_from_parts
-from tl_reversed.core.state import untouched
 
 
 def ra_from_cache(
@@ -100,16 +99,33 @@ def cache_with_grads(
         )
     names = [attn_hook(layer, h) for layer in range(spec.n_layers) for h in ("pattern", "v", "z")]
     names += [n for n in (names_filter or ()) if n not in names and n != EMBED]
-    store: dict[str, Tensor] = {}
+    sink = ActivationSink(names)
+    run(model, batch, [sink], metric=metric, batch_size=None, desc="cache")
+    return ActivationCache(sink.finish(), model)
 
-    def keep(key: str):
-        def hook(x: Tensor, hook: object) -> None:
-            store[key] = x.detach()
 
-        return hook
+class ActivationSink:
+    """The pass-engine sink of a cache: forward values at ``names`` and their gradients as ``<name>_grad``.
 
-    fwd = [(name, keep(name)) for name in names]
-    bwd = [(name, keep(name + "_grad")) for name in names]
-    with untouched(model):
-        forward_backward(model, batch, metric, fwd, bwd)
-    return ActivationCache(store, model)
+    One chunk only (a cache holds one length): the values are kept as the hooks see them.
+    """
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.store: dict[str, Tensor] = {}
+
+    def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
+        def keep(key: str):
+            def hook(x: Tensor, hook: object) -> None:
+                self.store[key] = x.detach()
+
+            return hook
+
+        return [(n, keep(n)) for n in self.names], [(n, keep(n + "_grad")) for n in self.names]
+
+    def merge(self, chunk: Chunk) -> None:
+        if len(chunk.index) != len(chunk.batch) or chunk.index.tolist() != sorted(chunk.index.tolist()):
+            raise AssertionError("ActivationSink takes one chunk in example order")
+
+    def finish(self) -> dict[str, Tensor]:
+        return self.store

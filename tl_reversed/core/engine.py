@@ -1,4 +1,20 @@
-"""One forward and one backward pass with hooks: the machinery every method shares.
+"""The pass engine: run a model over a batch in chunks and feed what each *sink* asks for.
+
+Every method of the package is one or more passes of the same shape::
+
+    with untouched(model):                       # parameters frozen, state restored after
+        for chunk in batch.chunks(batch_size):   # one chunking rule for every caller
+            hooks = every sink's hooks for this chunk
+            forward (and backward of the summed per-example loss), hooks on
+            every backward hook's gradient checked for NaN/inf, once, here
+            every sink merges the chunk into its rows of the whole batch
+    results = [sink.finish() for sink in sinks]
+
+A *sink* (:class:`Sink`) is one quantity: RA maps or norms, lens projections, cached
+activations, answers at the last prompt token, averaged maps, a causal-mediation
+sweep. It declares its hooks for a chunk, merges the chunk into its buffers (scattered
+into example order by ``chunk.index``) and finishes into a result. A new per-head
+quantity is a new sink, not a new loop.
 
 The parameters are frozen (see :mod:`tl_reversed.core.state`), so the backward pass starts
 from the embeddings: a forward hook on ``hook_embed`` returns a detached copy that
@@ -9,23 +25,140 @@ the per-example loss, and no parameter gradient is ever computed or stored.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from tl_reversed.core.architecture import EMBED, positions_hook
+from tl_reversed.core.architecture import EMBED, last_position_hook, positions_hook
 from tl_reversed.core.inputs import Batch, target_loss, target_positions
+from tl_reversed.core.state import untouched
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Float[Tensor, " batch"]]
 """A loss to differentiate: logits and input tokens in, one loss per example out."""
 
 Hook = tuple[str, Callable]
+"""A hook as TransformerLens takes it: ``(hook_name, fn(tensor, hook))``."""
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter."""
+    """The device of the model's first parameter (the one helper for it)."""
     return next(model.parameters()).device
+
+
+@dataclass
+class Chunk:
+    """One mini-batch of a pass, as the sinks see it.
+
+    Attributes:
+        index: the rows of the whole batch this chunk holds (scatter results there).
+        batch: those rows, trimmed to their longest.
+        loss: the per-example loss (after the backward of a backward pass).
+        logits: the logits at each row's last prompt token (forward-only passes).
+    """
+
+    index: Int[Tensor, " rows"]
+    batch: Batch
+    loss: Float[Tensor, " rows"] | None = None
+    logits: Float[Tensor, "rows d_vocab"] | None = None
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """One quantity collected over a pass.
+
+    ``hooks(chunk)`` returns the forward and backward hooks for one chunk (fresh closures
+    per chunk); after the chunk's pass, ``merge(chunk)`` moves what they saw into the
+    sink's rows ``chunk.index``; ``finish()`` returns the result.
+    """
+
+    def hooks(self, chunk: Chunk) -> tuple[Sequence[Hook], Sequence[Hook]]: ...
+
+    def merge(self, chunk: Chunk) -> None: ...
+
+    def finish(self) -> Any: ...
+
+
+class _FiniteCheck:
+    """Wraps backward hooks so every gradient a sink receives is checked for NaN/inf once."""
+
+    def __init__(self) -> None:
+        self.bad: list[str] = []
+
+    def wrap(self, name: str, fn: Callable) -> Hook:
+        def hook(grad: Tensor, hook: object) -> object:
+            if not bool(torch.isfinite(grad).all()):
+                self.bad.append(name)
+            return fn(grad, hook)
+
+        return name, hook
+
+    def raise_if_bad(self) -> None:
+        if self.bad:
+            raise FloatingPointError(
+                f"the gradient at {self.bad[0]} has NaN or inf entries: the model overflowed in its dtype; "
+                "run it in float32 (load_model(..., dtype=torch.float32)) or shorten the prompt"
+            )
+
+
+def run(
+    model: torch.nn.Module,
+    batch: Batch,
+    sinks: Sequence[Sink],
+    *,
+    metric: Metric | None = None,
+    backward: bool = True,
+    batch_size: int | None = 16,
+    extra_hooks: Sequence[Hook] = (),
+    progress: bool | None = None,
+    desc: str = "pass",
+) -> Float[Tensor, " batch"] | None:
+    """Run ``model`` over ``batch`` in chunks inside the state guard, feeding ``sinks``.
+
+    Args:
+        model: a TransformerBridge (compatibility mode) or HookedTransformer.
+        batch: the inputs (:func:`tl_reversed.core.inputs.tokenize`).
+        sinks: what to collect; each is merged chunk by chunk, in example order.
+        metric: the per-example loss of a backward pass (default: the target cross-entropy).
+            Rows of one length are batched together so the metric never sees padding.
+        backward: ``True``: forward and backward of the summed per-example loss, and
+            the per-example loss is returned. ``False``: a forward pass under ``no_grad``
+            that unembeds the last prompt token alone; the sinks get its logits
+            (``chunk.logits``) and ``None`` is returned.
+        batch_size: examples per chunk (``None``: all at once); see :meth:`Batch.chunks`.
+        extra_hooks: forward hooks that change the computation (an attention patch, an
+            ablation); they run before the sinks' hooks on the same hook points.
+        progress: show a progress bar; ``None`` (default) shows one when there is more
+            than one chunk. The same meaning everywhere in the package.
+        desc: the progress bar's label.
+    """
+    parts = batch.chunks(batch_size, same_length=backward and metric is not None)
+    show = len(parts) > 1 if progress is None else bool(progress)
+    loss: Tensor | None = None
+    with untouched(model):
+        for rows in tqdm(parts, desc=desc, disable=not show, leave=False):
+            chunk = Chunk(index=torch.tensor(rows, dtype=torch.long), batch=batch.rows(rows))
+            fwd: list[Hook] = []
+            bwd: list[Hook] = []
+            check = _FiniteCheck()
+            for sink in sinks:
+                f, b = sink.hooks(chunk)
+                fwd += f
+                bwd += [check.wrap(name, fn) for name, fn in b]
+            if backward:
+                chunk.loss = forward_backward(model, chunk.batch, metric, fwd, bwd, extra_hooks)
+                check.raise_if_bad()
+                if loss is None:
+                    loss = torch.zeros(len(batch), dtype=chunk.loss.dtype)
+                loss[chunk.index] = chunk.loss
+            else:
+                chunk.logits = forward_last(model, chunk.batch, [*extra_hooks, *fwd])
+            for sink in sinks:
+                sink.merge(chunk)
+    return loss
 
 
 def _embed_leaf(x: Tensor, hook: object) -> Tensor:
@@ -88,15 +221,17 @@ def forward_backward(
     return loss.detach().to(torch.float64 if loss.dtype == torch.float64 else torch.float32).cpu()
 
 
-def chunks(batch: Batch, batch_size: int | None, *, same_length: bool) -> list[list[int]]:
-    """Split example indices into mini-batches (of equal length rows when asked)."""
-    size = len(batch) if batch_size is None else batch_size
-    if size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if not same_length:
-        order = list(range(len(batch)))
-        return [order[i : i + size] for i in range(0, len(order), size)]
-    groups: dict[int, list[int]] = {}
-    for i, length in enumerate(batch.lengths.tolist()):
-        groups.setdefault(length, []).append(i)
-    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+def forward_last(model: torch.nn.Module, batch: Batch, hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch d_vocab"]:
+    """Logits at each row's last prompt token (``batch.last``) with ``hooks`` on, float32 on the CPU.
+
+    Runs under ``torch.no_grad`` and unembeds the last prompt token alone (added after
+    the caller's hooks), unless a caller's hook reads the unembedding's input or output.
+    """
+    only_last = last_position_hook(model, batch.last, beside=hooks)
+    with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, *([only_last] if only_last else [])]):  # type: ignore[operator]
+        logits = model(batch.tokens.to(model_device(model)))
+    if logits.shape[1] == 1:
+        rows = logits[:, 0]
+    else:
+        rows = logits[torch.arange(len(batch), device=logits.device), batch.last.to(logits.device)]
+    return rows.float().cpu()

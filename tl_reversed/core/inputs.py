@@ -57,6 +57,49 @@ class Batch:
             target_strings=None if self.target_strings is None else [self.target_strings[i] for i in index],
         )
 
+    @property
+    def last(self) -> Int[Tensor, " batch"]:
+        """Position of each row's last prompt token (where its answer is read)."""
+        return self.prompt_lengths - 1
+
+    @property
+    def target(self) -> Int[Tensor, " batch"]:
+        """The first token of each example's target (the answer scored by accuracy)."""
+        if any(t.numel() == 0 for t in self.targets):
+            raise ValueError("these inputs have no targets: give one target string per prompt")
+        return torch.stack([t[0] for t in self.targets])
+
+    def prompt_only(self) -> Batch:
+        """The same examples with the prompt tokens alone (for reading answers at :attr:`last`)."""
+        width = int(self.prompt_lengths.max())
+        tokens = self.tokens[:, :width].clone()
+        return Batch(tokens, self.prompt_lengths.clone(), self.prompt_lengths.clone(), self.targets,
+                     self.prompts, self.target_strings)  # fmt: skip
+
+    def single_length(self) -> int | None:
+        """The row length when every row has the same number of tokens, else None."""
+        lengths = self.lengths.unique()
+        return int(lengths[0]) if lengths.numel() == 1 else None
+
+    def chunks(self, batch_size: int | None, *, same_length: bool = False) -> list[list[int]]:
+        """Row indices in mini-batches: the one chunking rule of the package.
+
+        Rows are taken in order of length (stable, so rows of one length keep their order)
+        and cut into chunks of ``batch_size`` (``None``: one chunk); ``same_length``
+        never puts rows of different lengths in one chunk (a custom metric must not see
+        padding). Results are scattered back into example order by the pass engine.
+        """
+        size = len(self) if batch_size is None else batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"batch_size must be at least 1 (a positive integer, or None for one batch), got {batch_size!r}")
+        order = sorted(range(len(self)), key=lambda i: int(self.lengths[i]))
+        if not same_length:
+            return [order[i : i + size] for i in range(0, len(order), size)]
+        groups: dict[int, list[int]] = {}
+        for i in order:
+            groups.setdefault(int(self.lengths[i]), []).append(i)
+        return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+
     def key_mask(self) -> Float[Tensor, "batch query_pos key_pos"]:
         """1 where both the query and the key position are real tokens, else 0."""
         pos = torch.arange(self.tokens.shape[1], device=self.lengths.device)

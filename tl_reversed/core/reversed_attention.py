@@ -21,12 +21,10 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
-from tl_reversed.core.engine import Metric, chunks, forward_backward
+from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
-from tl_reversed.core.state import untouched
 
 KEEP = ("maps", "norms")
 
@@ -195,72 +193,92 @@ class ReversedAttention:
         return to_html(self, path, heads=heads, example=example)
 
 
-class _LayerSink:
-    """Receives each layer's RA inside the backward hook and keeps what ``keep`` asks for."""
+class RASink:
+    """The pass-engine sink of Reversed Attention: each layer's RA, reduced inside the backward hook.
 
-    def __init__(self, spec: ModelSpec, layers: list[int], batch: Batch, keep: str, model: torch.nn.Module):
+    Forward hooks keep ``hook_v`` and ``hook_pattern`` of the chosen layers; the backward
+    hook on ``hook_z`` turns them and the gradient into RA (:func:`ra_from_parts`) and
+    keeps the norms, and the maps with ``keep="maps"``, of the chunk; ``merge`` scatters
+    them into the rows of the whole batch, ``finish`` returns a :class:`ReversedAttention`.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, layers: list[int], batch: Batch, keep: str):
         n, width = batch.tokens.shape
         param = next(model.parameters())
-        dtype = accumulation_dtype(param.dtype)
-        self.spec, self.layers, self.keep = spec, layers, keep
-        self.mask = batch.key_mask().to(param.device, dtype)[:, None]
-        self.saved: dict[tuple[str, int], Tensor] = {}
-        self.finite = True
-        self.norms = torch.zeros(n, len(layers), spec.n_heads, dtype=dtype)
+        self.model, self.spec, self.layers, self.batch, self.keep = model, spec, layers, batch, keep
+        self.device = param.device
+        self.dtype = accumulation_dtype(param.dtype)
+        self.norms = torch.zeros(n, len(layers), spec.n_heads, dtype=self.dtype)
         self.pattern_norms = torch.zeros_like(self.norms)
         shape = (n, len(layers), spec.n_heads, width, width)
-        self.maps = torch.zeros(shape, dtype=dtype) if keep == "maps" else None
-        self.pattern = torch.zeros(shape, dtype=dtype) if keep == "maps" else None
+        self.maps = torch.zeros(shape, dtype=self.dtype) if keep == "maps" else None
+        self.pattern = torch.zeros(shape, dtype=self.dtype) if keep == "maps" else None
+        self.loss = torch.zeros(n, dtype=self.dtype)
+        self._chunk: dict[str, Tensor] = {}
 
-    def hooks(self) -> tuple[list, list]:
-        fwd, bwd = [], []
-        for i, layer in enumerate(self.layers):
-            for name in ("v", "pattern"):
-                fwd.append((attn_hook(layer, name), self._save(name, layer)))
-            bwd.append((attn_hook(layer, "z"), self._on_grad(i, layer)))
+    def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
+        n, width = chunk.batch.tokens.shape
+        mask = chunk.batch.key_mask().to(self.device, self.dtype)[:, None]
+        saved: dict[tuple[str, int], Tensor] = {}
+        out = self._chunk = {
+            "norms": torch.zeros(n, len(self.layers), self.spec.n_heads, dtype=self.dtype),
+            "pattern_norms": torch.zeros(n, len(self.layers), self.spec.n_heads, dtype=self.dtype),
+        }
+        if self.keep == "maps":
+            out["maps"] = torch.zeros(n, len(self.layers), self.spec.n_heads, width, width, dtype=self.dtype)
+            out["pattern"] = torch.zeros_like(out["maps"])
+
+        def save(name: str, layer: int) -> Hook:
+            def hook(x: Tensor, hook: object) -> None:
+                saved[(name, layer)] = x.detach()
+
+            return attn_hook(layer, name), hook
+
+        def on_grad(i: int, layer: int) -> Hook:
+            def hook(grad: Tensor, hook: object) -> None:
+                pattern = saved.pop(("pattern", layer))
+                v = saved.pop(("v", layer))
+                ra = ra_from_parts(pattern, v, grad, self.spec.scales[layer]) * mask
+                forward = pattern.to(mask.dtype) * mask
+                out["norms"][:, i] = ra.flatten(-2).norm(dim=-1).cpu()
+                out["pattern_norms"][:, i] = forward.flatten(-2).norm(dim=-1).cpu()
+                if "maps" in out:
+                    out["maps"][:, i] = ra.cpu()
+                    out["pattern"][:, i] = forward.cpu()
+
+            return attn_hook(layer, "z"), hook
+
+        fwd = [save(name, layer) for layer in self.layers for name in ("v", "pattern")]
+        bwd = [on_grad(i, layer) for i, layer in enumerate(self.layers)]
         return fwd, bwd
 
-    def _save(self, name: str, layer: int):
-        def hook(x: Tensor, hook: object) -> None:
-            self.saved[(name, layer)] = x.detach()
+    def merge(self, chunk: Chunk) -> None:
+        idx, out = chunk.index, self._chunk
+        self.norms[idx], self.pattern_norms[idx] = out["norms"], out["pattern_norms"]
+        if chunk.loss is not None:
+            self.loss[idx] = chunk.loss.to(self.dtype)
+        if self.maps is not None and self.pattern is not None:
+            w = out["maps"].shape[-1]
+            self.maps[idx, :, :, :w, :w] = out["maps"]
+            self.pattern[idx, :, :, :w, :w] = out["pattern"]
+        self._chunk = {}
 
-        return hook
-
-    def _on_grad(self, i: int, layer: int):
-        def hook(grad: Tensor, hook: object) -> None:
-            pattern = self.saved.pop(("pattern", layer))
-            v = self.saved.pop(("v", layer))
-            self.finite &= bool(torch.isfinite(grad).all())
-            ra = ra_from_parts(pattern, v, grad, self.spec.scales[layer]) * self.mask
-            forward = pattern.to(self.mask.dtype) * self.mask
-            self.norms[:, i] = ra.flatten(-2).norm(dim=-1).cpu()
-            self.pattern_norms[:, i] = forward.flatten(-2).norm(dim=-1).cpu()
-            if self.maps is not None:
-                self.maps[:, i] = ra.cpu()
-                self.pattern[:, i] = forward.cpu()  # type: ignore[index]
-
-        return hook
-
-
-def ra_pass(
-    model: torch.nn.Module,
-    spec: ModelSpec,
-    batch: Batch,
-    metric: Metric | None,
-    layers: list[int],
-    keep: str,
-    extra_hooks: Sequence = (),
-) -> tuple[_LayerSink, Tensor]:
-    """One forward and backward pass over ``batch``; returns the filled sink and the loss."""
-    sink = _LayerSink(spec, layers, batch, keep, model)
-    fwd, bwd = sink.hooks()
-    loss = forward_backward(model, batch, metric, fwd, bwd, extra_hooks)
-    if not sink.finite:
-        raise FloatingPointError(
-            "the gradient at hook_z has NaN or inf entries: the model overflowed in its dtype; "
-            "run it in float32 (load_model(..., dtype=torch.float32)) or shorten the prompt"
+    def finish(self) -> ReversedAttention:
+        batch = self.batch
+        return ReversedAttention(
+            norms=self.norms,
+            pattern_norms=self.pattern_norms,
+            loss=self.loss,
+            tokens=batch.tokens,
+            lengths=batch.lengths,
+            str_tokens=str_tokens(self.model, batch),
+            layers=self.layers,
+            maps=self.maps,
+            pattern=self.pattern,
+            prompts=batch.prompts,
+            targets=batch.target_strings,
+            scales=self.spec.scales,
         )
-    return sink, loss
 
 
 def reversed_attention(
@@ -283,7 +301,7 @@ def reversed_attention(
         targets: one string per prompt whose tokens follow it (e.g. ``" Paris"``). The loss
             is the target cross-entropy, teacher-forced, summed over target tokens, per example.
         metric: instead of targets, any callable ``(logits, tokens) -> [batch]`` loss
-            (e.g. :func:`tl_reversed.metrics.logit_difference`). Rows of one length are
+            (e.g. a logit difference ``lambda logits, tokens: logits[:, -1, a] - logits[:, -1, b]``). Rows of one length are
             batched together so the metric sees no padding.
         layers: the layers to compute (default all).
         keep: ``"maps"`` keeps every map; ``"norms"`` keeps ``[batch, layer, head]`` only.
@@ -299,58 +317,14 @@ def reversed_attention(
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
-    dtype = accumulation_dtype(next(model.parameters()).dtype)
-    loss = torch.zeros(len(batch), dtype=dtype)
-    sinks: list[tuple[Tensor, _LayerSink]] = []
-    parts = chunks(batch, batch_size, same_length=metric is not None)
-    show = len(parts) > 1 if progress is None else progress
-    with untouched(model):
-        for index in tqdm(parts, desc="reversed attention", disable=not show, leave=False):
-            sink, sub_loss = ra_pass(model, spec, batch.rows(index), metric, chosen, keep, extra_hooks)
-            idx = torch.tensor(index)
-            loss[idx] = sub_loss.to(dtype)
-            sinks.append((idx, sink))
-    return assemble(model, spec, chosen, batch, loss, keep, sinks)
+    sink = RASink(model, spec, chosen, batch, keep)
+    run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+        progress=progress, desc="reversed attention")  # fmt: skip
+    return sink.finish()
 
 
-def assemble(
-    model: object,
-    spec: ModelSpec,
-    layers: list[int],
-    batch: Batch,
-    loss: Tensor,
-    keep: str,
-    sinks: Sequence[tuple[Tensor, _LayerSink]],
-) -> ReversedAttention:
-    """The :class:`ReversedAttention` of a batch from the sinks its mini-batches filled."""
-    n, width = batch.tokens.shape
-    norms = torch.zeros(n, len(layers), spec.n_heads, dtype=loss.dtype)
-    pattern_norms = torch.zeros_like(norms)
-    maps = torch.zeros(n, len(layers), spec.n_heads, width, width, dtype=loss.dtype) if keep == "maps" else None
-    pattern = torch.zeros_like(maps) if maps is not None else None
-    for idx, sink in sinks:
-        norms[idx], pattern_norms[idx] = sink.norms, sink.pattern_norms
-        if maps is not None and pattern is not None:
-            w = sink.maps.shape[-1]  # type: ignore[union-attr]
-            maps[idx, :, :, :w, :w] = sink.maps
-            pattern[idx, :, :, :w, :w] = sink.pattern
-    return ReversedAttention(
-        norms=norms,
-        pattern_norms=pattern_norms,
-        loss=loss,
-        tokens=batch.tokens,
-        lengths=batch.lengths,
-        str_tokens=_str_tokens(model, batch),
-        layers=layers,
-        maps=maps,
-        pattern=pattern,
-        prompts=batch.prompts,
-        targets=batch.target_strings,
-        scales=spec.scales,
-    )
-
-
-def _str_tokens(model: object, batch: Batch) -> list[list[str]]:
+def str_tokens(model: object, batch: Batch) -> list[list[str]]:
+    """Each row's real tokens as strings (no padding)."""
     return [
         list(model.to_str_tokens(batch.tokens[i, : int(n)]))  # type: ignore[attr-defined]
         for i, n in enumerate(batch.lengths)

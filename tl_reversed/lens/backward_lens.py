@@ -58,7 +58,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import (
     FINAL_NORM,
@@ -73,18 +72,16 @@ from tl_reversed.core.architecture import (
     unembed_weight,
     weight_io,
 )
-from tl_reversed.core.engine import Metric, chunks, forward_backward
+from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.reversed_attention import (
     KEEP,
+    RASink,
     ReversedAttention,
-    _LayerSink,
-    _str_tokens,
     accumulation_dtype,
-    assemble,
     check_layers,
+    str_tokens,
 )
-from tl_reversed.core.state import untouched
 
 DEFAULT_SITES = ("mlp_out", "attn_out")
 PROJECTIONS = ("weight", "jacobian")
@@ -440,8 +437,8 @@ class _Projector:
 # --------------------------------------------------------------------------- the pass
 
 
-class _LensSink:
-    """Hooks that keep the VJPs of the chosen sites (and of ``hook_z``) during one pass."""
+class _LensHooks:
+    """Hooks that keep the VJPs of the chosen sites (and of ``hook_z``) during one chunk's pass."""
 
     def __init__(self, sites: list[str], layers: list[int], heads: bool, jacobian: bool):
         self.sites, self.layers, self.heads, self.jacobian = sites, layers, heads, jacobian
@@ -470,6 +467,43 @@ class _LensSink:
             self.grads[(site, layer)] = grad.detach()
 
         return hook
+
+    def check_fired(self) -> None:
+        missing = [(site, layer) for layer in self.layers for site in self.sites if (site, layer) not in self.grads]
+        if missing:
+            site, layer = missing[0]
+            raise TypeError(
+                f"the backward hook on {block_hook(layer, site)} never fired: this model does not carry "
+                "gradients through that hook point; choose other sites"
+            )
+
+
+class LensSink:
+    """The pass-engine sink of the backward lens: each chunk's VJPs projected to the vocabulary."""
+
+    def __init__(self, model: torch.nn.Module, batch: Batch, sites: list[str], layers: list[int], n_heads: int,
+                 heads: bool, keep: str, projector: _Projector, with_rank: bool):  # fmt: skip
+        n, width = batch.tokens.shape
+        self.model, self.sites, self.layers, self.heads, self.projector = model, sites, layers, heads, projector
+        self.dtype = projector.gain.dtype
+        self.out = _Collector(n, width, sites, layers, n_heads, heads, keep, projector.top_k,
+                              projector.d_model, self.dtype, with_rank=with_rank)  # fmt: skip
+        self._hooks: _LensHooks | None = None
+
+    def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
+        self._hooks = _LensHooks(self.sites, self.layers, self.heads, self.projector.jacobian)
+        return self._hooks.hooks()
+
+    def merge(self, chunk: Chunk) -> None:
+        assert self._hooks is not None
+        self._hooks.check_fired()
+        with torch.no_grad():
+            _fill(self.out, chunk.index, self._hooks, chunk.batch, self.sites, self.layers, self.heads,
+                  self.projector, self.model, self.dtype)  # fmt: skip
+        self._hooks = None
+
+    def finish(self) -> _Collector:
+        return self.out
 
 
 def _check_sites(sites: str | Sequence[str], model: object, layers: list[int]) -> list[str]:
@@ -519,40 +553,10 @@ class _Collector:
         )
 
 
-def _lens_pass(
-    model: torch.nn.Module,
-    batch: Batch,
-    metric: Metric | None,
-    sink: _LensSink,
-    ra_sink: _LayerSink | None,
-    extra_hooks: Sequence,
-) -> Float[Tensor, " batch"]:
-    """One forward and backward pass that fills the lens sink (and the RA sink, if given)."""
-    fwd, bwd = sink.hooks()
-    if ra_sink is not None:
-        ra_fwd, ra_bwd = ra_sink.hooks()
-        fwd, bwd = fwd + ra_fwd, bwd + ra_bwd
-    loss = forward_backward(model, batch, metric, fwd, bwd, extra_hooks)
-    finite = all(bool(torch.isfinite(g).all()) for g in sink.grads.values())
-    if not finite or (ra_sink is not None and not ra_sink.finite):
-        raise FloatingPointError(
-            "a gradient has NaN or inf entries: the model overflowed in its dtype; "
-            "run it in float32 (load_model(..., dtype=torch.float32)) or shorten the prompt"
-        )
-    missing = [(site, layer) for layer in sink.layers for site in sink.sites if (site, layer) not in sink.grads]
-    if missing:
-        site, layer = missing[0]
-        raise TypeError(
-            f"the backward hook on {block_hook(layer, site)} never fired: this model does not carry "
-            "gradients through that hook point; choose other sites"
-        )
-    return loss
-
-
 def _fill(
     out: _Collector,
     idx: Tensor,
-    sink: _LensSink,
+    sink: _LensHooks,
     sub: Batch,
     sites: list[str],
     layers: list[int],
@@ -668,35 +672,23 @@ def _run(
     if not isinstance(heads, bool):
         raise TypeError(f"heads must be True or False, got {heads!r}")
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
-    n, width = batch.tokens.shape
     dtype = accumulation_dtype(next(model.parameters()).dtype)
-    parts = chunks(batch, batch_size, same_length=metric is not None)
-    show = len(parts) > 1 if progress is None else progress
-    loss = torch.zeros(n, dtype=dtype)
-    with untouched(model):
-        projector = _Projector(model, projection, top_k, dtype)
-        out = _Collector(n, width, site_list, chosen, spec.n_heads, heads, keep, top_k,
-                         projector.d_model, dtype, with_rank=metric is None)  # fmt: skip
-        ra_sinks: list[tuple[Tensor, _LayerSink]] = []
-        for index in tqdm(parts, desc="backward lens", disable=not show, leave=False):
-            sub = batch.rows(index)
-            sink = _LensSink(site_list, chosen, heads, projector.jacobian)
-            ra_sink = _LayerSink(spec, chosen, sub, ra_keep, model) if ra_keep is not None else None
-            idx = torch.tensor(index)
-            loss[idx] = _lens_pass(model, sub, metric, sink, ra_sink, extra_hooks).to(dtype)
-            with torch.no_grad():
-                _fill(out, idx, sink, sub, site_list, chosen, heads, projector, model, dtype)
-            if ra_sink is not None:
-                ra_sinks.append((idx, ra_sink))
-        str_tokens = _str_tokens(model, batch)
-        vocab = _vocab(model, out)
+    projector = _Projector(model, projection, top_k, dtype)
+    lens_sink = LensSink(model, batch, site_list, chosen, spec.n_heads, heads, keep, projector, with_rank=metric is None)
+    ra_sink = RASink(model, spec, chosen, batch, ra_keep) if ra_keep is not None else None
+    sinks = [lens_sink, *([ra_sink] if ra_sink is not None else [])]
+    loss = run(model, batch, sinks, metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+               progress=progress, desc="backward lens")  # fmt: skip
+    assert loss is not None
+    out = lens_sink.finish()
+    vocab = _vocab(model, out)
     lens = BackwardLens(
         norms=out.norms,
         top=out.top,
         loss=loss,
         tokens=batch.tokens,
         lengths=batch.lengths,
-        str_tokens=str_tokens,
+        str_tokens=str_tokens(model, batch),
         sites=site_list,
         layers=chosen,
         vocab=vocab,
@@ -710,7 +702,8 @@ def _run(
     )
     if ra_keep is None:
         return lens
-    return LensAndRA(lens, assemble(model, spec, chosen, batch, loss, ra_keep, ra_sinks))
+    assert ra_sink is not None
+    return LensAndRA(lens, ra_sink.finish())
 
 
 def _vocab(model: object, out: _Collector) -> dict[int, str]:
@@ -795,6 +788,43 @@ def backward_lens_and_ra(
     return _run(model, prompts, targets, **options, ra_keep=ra_keep)  # type: ignore[return-value, arg-type]
 
 
+class _WeightSink:
+    """The pass-engine sink of :func:`gradient_rank`: a weight's inputs and VJPs at every real position."""
+
+    def __init__(self, io: object, matrix: str):
+        self.io, self.matrix = io, matrix
+        self.saved: dict[str, Tensor] = {}
+        self.inputs: list[Tensor] = []
+        self.vjps: list[Tensor] = []
+
+    def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
+        def keep_input(x: Tensor, hook: object) -> None:
+            self.saved["input"] = x.detach()
+
+        def keep_grad(grad: Tensor, hook: object) -> None:
+            self.saved["grad"] = grad.detach()
+
+        return [(self.io.input_hook, keep_input)], [(self.io.grad_hook, keep_grad)]  # type: ignore[attr-defined]
+
+    def merge(self, chunk: Chunk) -> None:
+        if "grad" not in self.saved:
+            raise TypeError(f"the backward hook on {self.io.grad_hook} never fired: this model cannot carry {self.matrix}")  # type: ignore[attr-defined]
+        x = self.saved.pop("input").double()
+        affine = self.io.input_norm  # type: ignore[attr-defined]
+        if affine is not None:
+            x = x * affine.gain.to(x)
+            x = x + affine.bias.to(x) if affine.bias is not None else x
+        x = x.flatten(2)  # W_O: [batch, pos, head, d_head] -> [batch, pos, head * d_head]
+        g = self.saved.pop("grad").double().flatten(2)
+        w = chunk.batch.tokens.shape[1]
+        real = torch.arange(w)[None, :] < chunk.batch.lengths[:, None]
+        self.inputs.append(x[real.to(x.device)].cpu())
+        self.vjps.append(g[real.to(g.device)].cpu())
+
+    def finish(self) -> tuple[Tensor, Tensor]:
+        return torch.cat(self.inputs), torch.cat(self.vjps)
+
+
 def gradient_rank(
     model: torch.nn.Module,
     prompts: PromptsLike,
@@ -827,34 +857,9 @@ def gradient_rank(
         )
     io = weight_io(model, layer, matrix)
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
-    saved: dict[str, Tensor] = {}
-
-    def keep_input(x: Tensor, hook: object) -> None:
-        saved["input"] = x.detach()
-
-    def keep_grad(grad: Tensor, hook: object) -> None:
-        saved["grad"] = grad.detach()
-
-    parts = chunks(batch, None, same_length=metric is not None)
-    inputs, vjps = [], []
-    with untouched(model):
-        for index in parts:
-            sub = batch.rows(index)
-            forward_backward(model, sub, metric, [(io.input_hook, keep_input)], [(io.grad_hook, keep_grad)])
-            if "grad" not in saved:
-                raise TypeError(f"the backward hook on {io.grad_hook} never fired: this model cannot carry {matrix}")
-            x = saved.pop("input").double()
-            if io.input_norm is not None:
-                affine = io.input_norm
-                x = x * affine.gain.to(x)
-                x = x + affine.bias.to(x) if affine.bias is not None else x
-            x = x.flatten(2)  # W_O: [batch, pos, head, d_head] -> [batch, pos, head * d_head]
-            g = saved.pop("grad").double().flatten(2)
-            w = sub.tokens.shape[1]
-            real = torch.arange(w)[None, :] < sub.lengths[:, None]
-            inputs.append(x[real.to(x.device)].cpu())
-            vjps.append(g[real.to(g.device)].cpu())
-    x_all, g_all = torch.cat(inputs), torch.cat(vjps)
+    sink = _WeightSink(io, matrix)
+    run(model, batch, [sink], metric=metric, batch_size=None, desc="gradient rank")
+    x_all, g_all = sink.finish()
     gradient = x_all.T @ g_all
     return GradientRank(
         matrix=matrix,
