@@ -253,9 +253,25 @@ def _check_logits(bridge) -> list[float]:
         return bridge(tokens)[0, :, :8].flatten().double().cpu().tolist()
 
 
+def _bridge_class():
+    """``TransformerBridge``, or an ImportError that says which TransformerLens is installed."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError as error:
+        try:
+            installed = f"transformer-lens {importlib.metadata.version('transformer-lens')} is installed"
+        except importlib.metadata.PackageNotFoundError:
+            installed = "transformer-lens is not installed"
+        raise ImportError(
+            f"load_model needs TransformerLens' TransformerBridge (transformer_lens.model_bridge, "
+            f"TransformerLens 3.9 or later), but {installed}: pip install 'transformer-lens>=3.9'"
+        ) from error
+    return TransformerBridge
+
+
 def _boot(hf_model, tokenizer, source: str, dtype: torch.dtype, device, replacement=None):
     """Wrap ``hf_model`` in a bridge in compatibility mode; returns it and the processed weights."""
-    from transformer_lens.model_bridge import TransformerBridge
+    TransformerBridge = _bridge_class()
 
     hf_model.config.architectures = [type(hf_model).__name__]  # GGUF configs leave it empty
     if device is not None:
@@ -365,7 +381,7 @@ def load_model(
     """
     embedded = EMBEDDED.get(name)
     if embedded is None:
-        from transformer_lens.model_bridge import TransformerBridge
+        TransformerBridge = _bridge_class()
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
