@@ -72,9 +72,9 @@ def result(model):
 
 
 def test_page_has_tokens_heads_and_loads_nothing_remote(result, tmp_path):
-    path = result.to_html(tmp_path / "sub" / "map.html")
-    assert path == tmp_path / "sub" / "map.html"
-    text = path.read_text(encoding="utf-8")
+    path = tmp_path / "sub" / "map.html"
+    text = result.to_html(path)
+    assert path.read_text(encoding="utf-8") == text
     page = Page(text)
     assert remote_loads(page) == []
     tokens = result.str_tokens[0]
@@ -95,7 +95,7 @@ def test_page_has_tokens_heads_and_loads_nothing_remote(result, tmp_path):
 
 def test_ra_is_scaled_per_head_with_its_sign(result, tmp_path):
     heads = [(1, 3), (0, 0)]
-    page = Page(to_html(result, tmp_path / "map.html", heads=heads, example=1).read_text())
+    page = Page(to_html(result, tmp_path / "map.html", heads=heads, example=1))
     ra = torch.tensor(page.data_block("cv-ra-props")["attention"])
     fa = torch.tensor(page.data_block("cv-fa-props")["attention"])
     assert page.data_block("cv-ra-props")["tokens"] == ["<bos>", "x", "y", "z"]
@@ -116,7 +116,7 @@ def test_normalise_per_head_keeps_zero_maps():
 
 def test_script_closing_text_in_tokens_cannot_break_the_page(model, tmp_path):
     result = tl_reversed.reversed_attention(model, "</script><b>", "x")
-    text = to_html(result, tmp_path / "map.html", title="</script> title").read_text()
+    text = to_html(result, title="</script> title")
     page = Page(text)
     assert [attrs.get("type") for attrs, _ in page.scripts] == [None, "application/json", "application/json", None]
     assert page.data_block("cv-ra-props")["tokens"] == result.str_tokens[0]
@@ -136,7 +136,7 @@ def test_bad_arguments_say_what_to_do(model, result, tmp_path):
 @pytest.mark.embedded
 def test_embedded_model_page_has_the_prompt_tokens(embedded_model, tmp_path):
     result = tl_reversed.reversed_attention(embedded_model, "The capital city of France is", " Paris")
-    text = result.to_html(tmp_path / "map.html", heads=result.top_heads(3)).read_text()
+    text = result.to_html(tmp_path / "map.html", heads=result.top_heads(3))
     page = Page(text)
     assert remote_loads(page) == []
     for token in [" capital", " city", " of", " France", " is"]:

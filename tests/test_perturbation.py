@@ -12,7 +12,7 @@ from conftest import make_tiny
 
 from tl_reversed.core.architecture import attn_hook, describe
 from tl_reversed.experiments.evaluation import accuracy, prompt_batch
-from tl_reversed.perturbation import FRACTIONS, auc, head_mask, mask_hooks, perturbation_test
+from tl_reversed.perturbation import FRACTIONS, PerturbationResult, auc, head_mask, mask_hooks, perturbation_test
 from tl_reversed.ranking import HeadScores, head_scores
 from tl_reversed.core.state import hook_count
 
@@ -165,13 +165,23 @@ def test_cli_table_has_each_method_and_its_reverse_with_the_best_in_bold():
 
 def test_checkpoint_resumes_only_units_made_with_the_same_settings(tmp_path):
     from tl_reversed.commands.common import Checkpoint
+    from tl_reversed.experiments.ranking import HeadScores
 
+    scores = HeadScores(torch.tensor([[0.5, -0.0], [2.0, 1.0]]), "ra", seconds=1.25, n_examples=3, info={"loss": 2.5})
+    curve = PerturbationResult([0.0, 0.5, 1.0], [0, 2, 4], [0.1, 0.4, 0.9], "ra", True, 30, seconds=0.5)
     first = Checkpoint(tmp_path, "capitalize_perturbation", {"n": 30, "seed": 0})
-    first.save("5-shot_ra", {"auc": 0.25, "curves": [1, 2]})
-    assert Checkpoint(tmp_path, "capitalize_perturbation", {"n": 30, "seed": 0}).load("5-shot_ra") == {"auc": 0.25, "curves": [1, 2]}
+    first.save("5-shot_ra", {"scores": scores, "reversed": curve}, {"seconds": 3.5})
+    assert sorted(p.name for p in (tmp_path / ".partial" / "capitalize_perturbation").iterdir()) == [
+        "5-shot_ra.json", "5-shot_ra.reversed.safetensors", "5-shot_ra.scores.safetensors"
+    ]
+    results, info = Checkpoint(tmp_path, "capitalize_perturbation", {"n": 30, "seed": 0}).load("5-shot_ra")
+    assert info == {"seconds": 3.5} and results["reversed"] == curve
+    assert torch.equal(results["scores"].scores, scores.scores) and results["scores"].info == {"loss": 2.5}
     assert Checkpoint(tmp_path, "capitalize_perturbation", {"n": 30, "seed": 1}).load("5-shot_ra") is None
     assert Checkpoint(tmp_path, "capitalize_perturbation", {"n": 30, "seed": 0}, enabled=False).load("5-shot_ra") is None
     assert first.load("1-shot_ra") is None
+    (tmp_path / ".partial" / "capitalize_perturbation" / "5-shot_ra.scores.safetensors").write_bytes(b"junk")
+    assert first.load("5-shot_ra") is None  # an unreadable unit is recomputed
     first.clear()
     assert not (tmp_path / ".partial").exists()
 

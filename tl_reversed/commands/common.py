@@ -45,9 +45,14 @@ def command_line() -> str:
 class Checkpoint:
     """Finished units of a long command, kept under ``OUT/.partial/`` until the command completes.
 
-    A rerun with the same settings (every argument that changes a number) skips the units
-    already done, so a killed run resumes where it stopped. Each unit is computed
-    independently, so a resumed run writes the same numbers as an uninterrupted one.
+    A unit is a few named results (``HeadScores``, ``PerturbationResult``, ``PatchingSweep``...),
+    each stored with its own ``save`` as ``KEY.NAME.safetensors``, plus ``KEY.json``: the
+    settings the unit was made with, the result types and a little plain ``info`` (e.g. the
+    unit's wall time). The record is written last, atomically, so a unit counts as done only
+    once all its results are on disk. A rerun with the same settings (every argument that
+    changes a number) skips the units already done, so a killed run resumes where it stopped;
+    a rerun with other settings recomputes them. Each unit is computed independently, so a
+    resumed run writes the same numbers as an uninterrupted one.
     """
 
     def __init__(self, out: Path, name: str, settings: dict, enabled: bool = True):
@@ -55,27 +60,46 @@ class Checkpoint:
         self.settings = settings
         self.enabled = enabled
 
-    def _path(self, key: str) -> Path:
+    def _record(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
-    def load(self, key: str) -> dict | None:
-        """The saved unit, if there is one made with the same settings."""
-        path = self._path(key)
+    def _result(self, key: str, name: str) -> Path:
+        return self.folder / f"{key}.{name}.safetensors"
+
+    def load(self, key: str) -> tuple[dict, dict] | None:
+        """``(results, info)`` of the saved unit, if there is one made with the same settings."""
+        from tl_reversed.core.results import load_result
+
+        path = self._record(key)
         if not self.enabled or not path.exists():
             return None
         record = json.loads(path.read_text())
-        return record["payload"] if record.get("settings") == self.settings else None
+        if record.get("settings") != json.loads(json.dumps(self.settings)):
+            return None
+        try:
+            results = {name: load_result(self._result(key, name)) for name in record["results"]}
+        except (FileNotFoundError, ValueError) as error:
+            print(f"recomputing {key}: its saved results cannot be read ({error})", file=sys.stderr)
+            return None
+        for name, kind in record["results"].items():
+            if type(results[name]).__name__ != kind:
+                return None
+        return results, record.get("info", {})
 
-    def save(self, key: str, payload: dict) -> None:
+    def save(self, key: str, results: dict, info: dict | None = None) -> None:
+        """Store the unit's results (each with its ``save``), then its record."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        partial = self._path(key).with_suffix(".tmp")
-        partial.write_text(json.dumps({"settings": self.settings, "payload": payload}))
-        partial.replace(self._path(key))
+        for name, result in results.items():
+            result.save(self._result(key, name))
+        record = {"settings": self.settings, "results": {n: type(r).__name__ for n, r in results.items()}, "info": info or {}}
+        partial = self._record(key).with_suffix(".tmp")
+        partial.write_text(json.dumps(record))
+        partial.replace(self._record(key))
 
     def clear(self) -> None:
         """Remove the units once the final outputs are written."""
         if self.folder.exists():
-            for path in self.folder.glob("*.json"):
+            for path in [*self.folder.glob("*.json"), *self.folder.glob("*.safetensors")]:
                 path.unlink()
             self.folder.rmdir()
         parent = self.folder.parent

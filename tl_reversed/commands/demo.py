@@ -105,7 +105,8 @@ def write_demo(
     figures["compare"] = _save(
         plotting.plot_compare(first, second, layer, head), out / f"compare_L{layer}H{head}.png"
     )
-    html_map = first.to_html(out / "ra_map.html", heads=first.top_heads(top))
+    html_map = out / "ra_map.html"
+    first.to_html(html_map, heads=first.top_heads(top))
     index = out / "index.html"
     index.write_text(_index_page(prompt, targets, prediction, report, first, figures, heads), encoding="utf-8")
     return DemoOutput(out, index, html_map, figures, dict(results), prediction, report)

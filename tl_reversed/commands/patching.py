@@ -110,12 +110,13 @@ def run(args: argparse.Namespace) -> int:
         for part in parts:
             bar.set_postfix_str(f"{shots}-shot {part}")
             key = f"{shots}-shot_{part}"
-            unit = checkpoint.load(key)
-            if unit is None:
-                unit = _patching_unit(model, part, train, test, lrs, args)
-                checkpoint.save(key, unit)
-            units[part] = unit
-            seconds += unit["seconds"]
+            saved = checkpoint.load(key)
+            if saved is None:
+                start = time.perf_counter()
+                saved = {part: _patching_unit(model, part, train, test, lrs, args)}, {"seconds": time.perf_counter() - start}
+                checkpoint.save(key, *saved)
+            units[part] = saved[0][part]
+            seconds += saved[1]["seconds"]
             bar.update()
         ra, fa = units["ra"], units["fa"]
         row = {
@@ -124,21 +125,21 @@ def run(args: argparse.Namespace) -> int:
             "length": length,
             "n_train": len(train),
             "n_test": len(test),
-            "original": ra["original"],
-            "fa": _at(fa, args.lr_fa),
-            "ra": _at(ra, args.lr_ra),
-            "fa_best_lr": _best(fa)[0],
-            "fa_best": _best(fa)[1],
-            "ra_best_lr": _best(ra)[0],
-            "ra_best": _best(ra)[1],
+            "original": ra.original,
+            "fa": fa.at(args.lr_fa),
+            "ra": ra.at(args.lr_ra),
+            "fa_best_lr": fa.best()[0],
+            "fa_best": fa.best()[1],
+            "ra_best_lr": ra.best()[0],
+            "ra_best": ra.best()[1],
         }
-        sweeps += [{"task": task, "shots": shots, "source": part, "lr": lr, "accuracy": acc} for part in ("ra", "fa") for lr, acc in zip(units[part]["lrs"], units[part]["accuracy"])]
+        sweeps += [{"task": task, "shots": shots, "source": part, "lr": lr, "accuracy": acc} for part in ("ra", "fa") for lr, acc in zip(units[part].lrs, units[part].accuracy)]
         if args.iterative:
             it = units["iterative"]
-            row.update(iterative_lr=args.iter_lr, iterative_steps=args.steps, iterative=it["accuracy"][-1], iterative_best=max(it["accuracy"]))
+            row.update(iterative_lr=args.iter_lr, iterative_steps=args.steps, iterative=it.accuracy[-1], iterative_best=max(it.accuracy))
             iterations += [
                 {"task": task, "shots": shots, "step": step, "lr": args.iter_lr, "accuracy": acc, "train_loss": loss}
-                for step, (acc, loss) in enumerate(zip(it["accuracy"], it["train_loss"]))
+                for step, (acc, loss) in enumerate(zip(it.accuracy, it.train_loss))
             ]
         rows.append(row)
     bar.close()
@@ -166,28 +167,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _patching_unit(model, part: str, train, test, lrs: list[float], args: argparse.Namespace) -> dict:
-    """One checkpoint unit: the RA sweep, the FA sweep or the iterative run of one shot count."""
+def _patching_unit(model, part: str, train, test, lrs: list[float], args: argparse.Namespace):
+    """One checkpoint unit: the RA sweep, the FA sweep (``PatchingSweep``) or the iterative run (``IterativePatching``)."""
     from tl_reversed.experiments.attention_patching import average_maps, evaluate_patching, iterative_patching
 
-    start = time.perf_counter()
     if part == "iterative":
-        result = iterative_patching(model, train, test, lr=args.iter_lr, steps=args.steps, batch_size=args.batch_size)
-        return {"accuracy": result.accuracy, "train_loss": result.train_loss, "seconds": time.perf_counter() - start}
+        return iterative_patching(model, train, test, lr=args.iter_lr, steps=args.steps, batch_size=args.batch_size)
     maps = average_maps(model, train, part, batch_size=args.batch_size)
-    sweep = evaluate_patching(model, train, test, part, lrs, maps=maps, batch_size=args.batch_size)
-    return {"lrs": sweep.lrs, "accuracy": sweep.accuracy, "original": sweep.original, "seconds": time.perf_counter() - start}
-
-
-def _at(unit: dict, lr: float) -> float:
-    return unit["accuracy"][unit["lrs"].index(float(lr))]
-
-
-def _best(unit: dict) -> tuple[float, float]:
-    """Best lr of a saved sweep (as ``PatchingSweep.best``)."""
-    from tl_reversed.experiments.attention_patching import best_lr
-
-    return best_lr(unit["lrs"], unit["accuracy"])
+    return evaluate_patching(model, train, test, part, lrs, maps=maps, batch_size=args.batch_size)
 
 
 def patching_markdown(table, args: argparse.Namespace) -> str:
@@ -214,26 +201,21 @@ def patching_markdown(table, args: argparse.Namespace) -> str:
 
 
 def plot_sweeps(table, sweeps, iterations, task: str):
-    """Accuracy against lr for RA and FA, one panel per shot count (iterative result as a line)."""
-    import matplotlib
+    """Accuracy against lr for RA and FA, one panel per shot count (iterative result as a line).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Each panel is :func:`tl_reversed.views.plotting.plot_lr_sweep` on a symmetric-log lr axis.
+    """
+    from tl_reversed.views.plotting import figure_row, plot_lr_sweep
 
-    fig, axes = plt.subplots(1, len(table), figsize=(4.5 * len(table), 3.6), squeeze=False, sharey=True)
-    for ax, (_, row) in zip(axes[0], table.iterrows()):
+    fig, axes = figure_row(len(table), (4.5, 3.6))
+    for ax, (_, row) in zip(axes, table.iterrows()):
         shots = row["shots"]
-        for source, colour, marker in (("ra", "C0", "o"), ("fa", "C1", "s")):
-            part = sweeps[(sweeps["shots"] == shots) & (sweeps["source"] == source)]
-            ax.plot(part["lr"], part["accuracy"], marker=marker, color=colour, label=f"{source.upper()} patch")
-        ax.axhline(row["original"], color="grey", linestyle=":", label="no patch")
+        part = sweeps[sweeps["shots"] == shots]
+        baselines = {"no patch": row["original"]}
         if "iterative" in table:
-            ax.axhline(row["iterative"], color="C2", linestyle="--", label=f"iterative RA ({int(row['iterative_steps'])} steps, lr {row['iterative_lr']:g})")
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlabel("lr")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{task}, {shots}-shot (length {int(row['length'])}, {int(row['n_test'])} test)")
-        ax.legend(fontsize="x-small")
-    axes[0][0].set_ylabel("top-1 accuracy")
-    fig.tight_layout()
+            baselines[f"iterative RA ({int(row['iterative_steps'])} steps, lr {row['iterative_lr']:g})"] = row["iterative"]
+        title = f"{task}, {shots}-shot (length {int(row['length'])}, {int(row['n_test'])} test)"
+        plot_lr_sweep(part.assign(source=part["source"].str.upper() + " patch"), baselines, title, ax=ax, xscale="symlog")
+        if ax is not axes[0]:
+            ax.set_ylabel("")
     return fig

@@ -15,7 +15,6 @@ order and reversed. Writes, under ``--out``::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -89,17 +88,19 @@ def run(args: argparse.Namespace) -> int:
         for method in args.methods:
             bar.set_postfix_str(f"{shots}-shot {method}")
             key = f"{shots}-shot_{method}"
-            unit = checkpoint.load(key)
-            if unit is None:
-                unit = _ranking_unit(model, task, shots, method, train, corrupted, test, args, cache, head_scores, perturbation_test)
-                checkpoint.save(key, unit)
-            units.append(unit)
+            saved = checkpoint.load(key)
+            if saved is None:
+                start = time.perf_counter()
+                results = _ranking_unit(model, method, train, corrupted, test, args, cache, head_scores, perturbation_test)
+                saved = results, {"seconds": time.perf_counter() - start}
+                checkpoint.save(key, *saved)
+            units.append(_unit_rows(task, shots, len(train), len(test), *saved))
             bar.update()
     bar.close()
 
     aucs = pd.DataFrame([u["auc"] for u in units])
-    curves = pd.DataFrame([row for u in units for row in u["curves"]])
-    scores_table = pd.DataFrame([row for u in units for row in u["scores"]])
+    curves = pd.concat([u["curves"] for u in units], ignore_index=True)
+    scores_table = pd.concat([u["scores"] for u in units], ignore_index=True)
     seconds = sum(u["seconds"] for u in units)
     aucs.to_csv(out / f"{task}_auc.csv", index=False, float_format="%.4f")
     curves.to_csv(out / f"{task}_curves.csv", index=False, float_format="%.4f")
@@ -122,40 +123,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ranking_unit(model, task, shots, method, train, corrupted, test, args, cache, head_scores, perturbation_test) -> dict:
+def _ranking_unit(model, method, train, corrupted, test, args, cache, head_scores, perturbation_test) -> dict:
     """Score the heads by one method and run its perturbation curves both ways (one checkpoint unit)."""
-    start = time.perf_counter()
     scores = head_scores(model, train, method, corrupted=corrupted, seed=args.seed, batch_size=args.batch_size, progress=False)
-    results = [
+    own, backward = (
         perturbation_test(model, test, scores, reverse=reverse, batch_size=args.batch_size, progress=False, cache=cache)
         for reverse in (False, True)
-    ]
+    )
+    return {"scores": scores, "own": own, "reversed": backward}
+
+
+def _unit_rows(task: str, shots: int, n_score: int, n_test: int, results: dict, info: dict) -> dict:
+    """The table rows of one unit, made from its results (fresh or loaded from the checkpoint)."""
+    import pandas as pd
+
+    scores, own, backward = results["scores"], results["own"], results["reversed"]
     auc = {
         "task": task,
         "shots": shots,
-        "method": method,
-        "auc": results[0].auc,
-        "auc_reverse": results[1].auc,
-        "accuracy_all_heads": results[0].accuracy[-1],
-        "accuracy_no_heads": results[0].accuracy[0],
+        "method": scores.method,
+        "auc": own.auc,
+        "auc_reverse": backward.auc,
+        "accuracy_all_heads": own.accuracy[-1],
+        "accuracy_no_heads": own.accuracy[0],
         "score_seconds": round(scores.seconds, 1),
-        "n_score": len(train),
-        "n_test": len(test),
+        "n_score": n_score,
+        "n_test": n_test,
     }
     columns = ["task", "shots", "method", "reverse", "fraction", "n_kept", "accuracy"]
-    curves = pd_records(
-        [r.to_dataframe().assign(task=task, shots=shots) for r in results], columns
-    )
-    score_rows = pd_records([scores.to_dataframe().assign(task=task, shots=shots)], ["task", "shots", "method", "layer", "head", "score", "rank"])
-    return {"auc": auc, "curves": curves, "scores": score_rows, "seconds": time.perf_counter() - start}
-
-
-def pd_records(frames, columns: list[str]) -> list[dict]:
-    """Rows of DataFrames as JSON-ready dicts with plain Python values, in ``columns`` order."""
-    import pandas as pd
-
-    frame = pd.concat(frames, ignore_index=True)[columns]
-    return json.loads(frame.to_json(orient="records", double_precision=15))
+    curves = pd.concat([r.to_dataframe().assign(task=task, shots=shots) for r in (own, backward)], ignore_index=True)[columns]
+    score_rows = scores.to_dataframe().assign(task=task, shots=shots)[["task", "shots", "method", "layer", "head", "score", "rank"]]
+    score_rows["score"] += 0.0  # -0.0 (layer 0 of "index") is written as 0, as in the tables made before
+    return {"auc": auc, "curves": curves, "scores": score_rows, "seconds": info["seconds"]}
 
 
 def auc_markdown(aucs, shots: list[int], methods: list[str]) -> str:
@@ -182,25 +181,17 @@ def auc_markdown(aucs, shots: list[int], methods: list[str]) -> str:
 
 
 def plot_curves(curves, shots: list[int], task: str):
-    """One panel per shot count: accuracy against share of heads kept, solid own order, dashed reversed."""
-    import matplotlib
+    """One panel per shot count: accuracy against share of heads kept, solid own order, dashed reversed.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Each panel is :func:`tl_reversed.views.plotting.plot_perturbation`, labelled with the AUC.
+    """
+    from tl_reversed.views.plotting import figure_row, plot_perturbation
 
-    fig, axes = plt.subplots(1, len(shots), figsize=(4.2 * len(shots), 3.6), squeeze=False, sharey=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, s in zip(axes[0], shots):
+    fig, axes = figure_row(len(shots), (4.2, 3.6))
+    for ax, s in zip(axes, shots):
         part = curves[curves["shots"] == s]
-        for i, method in enumerate(dict.fromkeys(part["method"])):
-            for reverse, style in ((False, "-"), (True, "--")):
-                line = part[(part["method"] == method) & (part["reverse"] == reverse)]
-                label = METHOD_NAMES.get(method, method) + (" rev." if reverse else "")
-                ax.plot(line["fraction"], line["accuracy"], style, color=colours[i % len(colours)], marker=".", label=label)
-        ax.set_title(f"{task}, {s}-shot")
-        ax.set_xlabel("share of heads kept")
-        ax.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("top-1 accuracy")
-    axes[0][-1].legend(fontsize="x-small", ncol=2, loc="upper left")
-    fig.tight_layout()
+        names = part["method"].map(lambda m: METHOD_NAMES.get(m, m)) + part["reverse"].map({False: "", True: " reversed"})
+        plot_perturbation(part.assign(method=names), title=f"{task}, {s}-shot", ax=ax)
+        if ax is not axes[0]:
+            ax.set_ylabel("")
     return fig

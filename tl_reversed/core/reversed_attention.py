@@ -25,6 +25,7 @@ from torch import Tensor
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
 from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
+from tl_reversed.core.results import Result
 
 KEEP = ("maps", "norms")
 
@@ -65,7 +66,7 @@ def check_layers(layers: Sequence[int] | int | None, spec: ModelSpec) -> list[in
 
 
 @dataclass
-class ReversedAttention:
+class ReversedAttention(Result):
     """RA maps and norms for a batch of prompts.
 
     Attributes:
@@ -186,11 +187,18 @@ class ReversedAttention:
 
         return plot_norms(self, **kwargs)
 
-    def to_html(self, path, heads=None, example=0):
-        """Write an interactive, offline HTML page of chosen heads' maps (see :func:`tl_reversed.views.html.to_html`)."""
+    def to_html(self, path=None, heads=None, example=0, title=None) -> str:
+        """An interactive, offline HTML page of chosen heads' maps, written to ``path`` when given.
+
+        Returns the page as a string (see :func:`tl_reversed.views.html.to_html`).
+        """
         from tl_reversed.views.html import to_html
 
-        return to_html(self, path, heads=heads, example=example)
+        return to_html(self, path, heads=heads, example=example, title=title)
+
+    def _repr_html_(self) -> str | None:
+        """The :meth:`to_html` page, so a bare result in a notebook cell shows its maps inline."""
+        return None if self.maps is None or self.pattern is None else self.to_html()
 
 
 class RASink:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
 from tl_reversed.experiments.evaluation import Hook, PromptBatch, accuracy, last_logits, prompt_batch
+from tl_reversed.core.results import Result
 from tl_reversed.core.state import untouched
 
 PAPER_LRS = (3, 2, 1, 0.5, 0, -0.1, -0.5, -1, -2, -4, -6, -8, -10, -15, -20, -25, -30, -35, -40, -60, -80, -100, -120)
@@ -57,7 +58,7 @@ _GROUP_HINT = (
 
 
 @dataclass
-class AttentionMaps:
+class AttentionMaps(Result):
     """Attention-shaped maps averaged over prompts of one length.
 
     Attributes:
@@ -308,7 +309,7 @@ def _test_batch(model, test: object, length: int) -> PromptBatch:
 
 
 @dataclass
-class PatchingSweep:
+class PatchingSweep(Result):
     """Test accuracy for each learning rate of an attention patch.
 
     Attributes:
@@ -423,7 +424,7 @@ def train_loss(model: torch.nn.Module, examples: object, hooks: Sequence[Hook] =
 
 
 @dataclass
-class IterativePatching:
+class IterativePatching(Result):
     """Accuracy after each step of iterative RA patching.
 
     Attributes:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe
 from tl_reversed.experiments.evaluation import Hook, PromptBatch, correct, last_logits, prompt_batch
+from tl_reversed.core.results import Result
 from tl_reversed.core.state import untouched
 
 FRACTIONS = tuple(round(0.1 * i, 10) for i in range(11))
@@ -35,20 +36,26 @@ FRACTIONS = tuple(round(0.1 * i, 10) for i in range(11))
 def auc(fractions: Sequence[float], accuracy: Sequence[float]) -> float:
     """Trapezoid area under ``accuracy(fraction)``, divided by the fraction span.
 
-    For the default fractions 0..1 this is the plain area; a constant curve has the
-    constant as its AUC whatever the fractions.
+    The one AUC of the package: :attr:`PerturbationResult.auc`, the CLI's tables and
+    the labels of :func:`tl_reversed.views.plotting.plot_perturbation` all use it. Points
+    are taken in order of fraction. For the default fractions 0..1 this is the plain
+    area; a constant curve has the constant as its AUC whatever the fractions.
     """
     x, y = np.asarray(fractions, dtype=float), np.asarray(accuracy, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"need one accuracy per fraction, got {x.size} fractions and {y.size} accuracies")
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
     if x.size < 2:
         raise ValueError(f"an AUC needs at least two fractions, got {list(fractions)}")
     span = x[-1] - x[0]
     if span <= 0:
-        raise ValueError(f"fractions must increase, got {list(fractions)}")
+        raise ValueError(f"fractions must span an interval, got {list(fractions)}")
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / span)
 
 
 @dataclass
-class PerturbationResult:
+class PerturbationResult(Result):
     """Accuracy as the top heads of a ranking are kept, and its AUC.
 
     Attributes:

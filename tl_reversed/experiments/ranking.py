@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe
 from tl_reversed.core.engine import forward_backward, model_device
 from tl_reversed.experiments.evaluation import PromptBatch, as_prompts_targets, last_logits, prompt_batch, target_probs
+from tl_reversed.core.results import Result
 from tl_reversed.core.state import untouched
 
 METHODS = ("ra", "fa", "cm1", "cm2", "atp", "random", "index")
@@ -63,7 +64,7 @@ POSITIONS = ("last", "all")
 
 
 @dataclass
-class HeadScores:
+class HeadScores(Result):
     """One score per head; a higher score means a more important head.
 
     Attributes:

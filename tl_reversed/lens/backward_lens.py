@@ -82,6 +82,7 @@ from tl_reversed.core.reversed_attention import (
     check_layers,
     str_tokens,
 )
+from tl_reversed.core.results import Result
 
 DEFAULT_SITES = ("mlp_out", "attn_out")
 PROJECTIONS = ("weight", "jacobian")
@@ -93,7 +94,7 @@ _ROWS_PER_CHUNK = 1 << 24  # vocabulary logits computed at once (floats), bounds
 
 
 @dataclass
-class TopTokens:
+class TopTokens(Result):
     """What a set of VJPs pushes toward and away from, in the vocabulary.
 
     Leading axes are those of the vectors (``[batch, site, layer, pos]`` for sites,
@@ -117,9 +118,21 @@ class TopTokens:
     away_values: Float[Tensor, "... k"]
     target_rank: Int[Tensor, "..."] | None = None
 
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per vector and rank: its index along the leading axes, ``rank`` (0 = best), ids and values."""
+        shape = self.toward_ids.shape
+        index = np.indices(shape).reshape(len(shape), -1).T
+        frame = pd.DataFrame(index[:, :-1], columns=[f"axis{i}" for i in range(len(shape) - 1)])
+        frame["rank"] = index[:, -1]
+        for name in ("toward_ids", "toward_values", "away_ids", "away_values"):
+            frame[name] = getattr(self, name).flatten().numpy()
+        if self.target_rank is not None:
+            frame["target_rank"] = self.target_rank[..., None].expand(shape).flatten().numpy()
+        return frame
+
 
 @dataclass
-class BackwardLens:
+class BackwardLens(Result):
     """VJPs of the loss at each site, layer and position, and their tokens.
 
     Attributes:
@@ -336,8 +349,13 @@ class BackwardLens:
         """
         page = render_html(self, site, example, log=log)
         if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(page, encoding="utf-8")
         return page
+
+    def _repr_html_(self) -> str:
+        """The :meth:`to_html` page, so a bare result in a notebook cell shows its grids inline."""
+        return self.to_html()
 
 
 class LensAndRA(NamedTuple):
@@ -348,7 +366,7 @@ class LensAndRA(NamedTuple):
 
 
 @dataclass
-class GradientRank:
+class GradientRank(Result):
     """The gradient of one weight matrix rebuilt from hooks, and its rank.
 
     ``gradient = inputs^T @ vjps`` summed over every real position of every example, in
@@ -378,6 +396,19 @@ class GradientRank:
     def bound(self) -> int:
         """``min(n_positions, d_in, d_out)``: the most the rank can be."""
         return min(self.n_positions, *self.gradient.shape)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per singular value, largest first: ``matrix, layer, index, singular_value, rank, bound``."""
+        values = self.singular_values.double().numpy()
+        return pd.DataFrame(
+            {"matrix": self.matrix, "layer": self.layer, "index": np.arange(len(values)), "singular_value": values}
+        ).assign(rank=self.rank, bound=self.bound)
+
+    def plot(self, ax=None):
+        """The singular values on a log axis, with the numerical rank and its bound marked; a Figure."""
+        from tl_reversed.views.plotting import plot_singular_values
+
+        return plot_singular_values(self, ax=ax)
 
 
 # --------------------------------------------------------------------------- projection
@@ -943,20 +974,20 @@ def plot_lens(result: BackwardLens, site: str | Sequence[str] | None = None, exa
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
-body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #222; }}
-table {{ border-collapse: collapse; font-size: 12px; margin-bottom: 28px; }}
-th {{ font-weight: normal; color: #555; padding: 2px 4px; white-space: pre; font-family: ui-monospace, monospace; }}
-td {{ padding: 3px 5px; text-align: center; white-space: pre; font-family: ui-monospace, monospace;
+.tlr-lens {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #222; }}
+.tlr-lens table {{ border-collapse: collapse; font-size: 12px; margin-bottom: 28px; }}
+.tlr-lens th {{ font-weight: normal; color: #555; padding: 2px 4px; white-space: pre; font-family: ui-monospace, monospace; }}
+.tlr-lens td {{ padding: 3px 5px; text-align: center; white-space: pre; font-family: ui-monospace, monospace;
       border: 1px solid #fff; min-width: 48px; }}
-.note {{ color: #555; max-width: 900px; }}
-</style></head><body>
+.tlr-lens .note {{ color: #555; max-width: 900px; }}
+</style></head><body><div class="tlr-lens">
 <h1>{title}</h1>
 <p class="note">Rows are layers (last layer on top), columns the input tokens. Each cell shows the token a
 gradient-descent step pushes that site's output toward (top token of -VJP through the final norm and the
 unembedding, projection "{projection}"); the background is the VJP norm. Hover a cell for the norm, the
 {k} tokens pushed toward and away, and the target's rank.</p>
 {tables}
-</body></html>
+</div></body></html>
 """
 
 

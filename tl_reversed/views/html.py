@@ -1,6 +1,6 @@
 """Interactive attention maps as one self-contained HTML file (CircuitsVis).
 
-:func:`to_html` writes a page with CircuitsVis ``AttentionHeads`` views of the RA maps
+:func:`to_html` makes a page with CircuitsVis ``AttentionHeads`` views of the RA maps
 and the forward attention of chosen heads (hover a cell for its tokens and value,
 click a head to lock it), the prompt's tokens, and a table of what each head's
 dominant query row pushes up and down.
@@ -37,27 +37,33 @@ DEFAULT_HEADS = 10
 DIGITS = 5
 
 _STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1100px;
-       color: #222; line-height: 1.45; padding: 0 16px; }
-h1 { font-size: 1.5em; margin-bottom: 0.2em; }
-h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-.note { color: #555; font-size: 0.95em; }
-.tokens { display: flex; flex-wrap: wrap; gap: 4px; margin: 8px 0; }
-.tok { white-space: pre; font-family: ui-monospace, monospace; background: #f3f3f3; border: 1px solid #ddd;
-       border-radius: 3px; padding: 1px 4px; }
-.tok sub { color: #888; font-size: 0.7em; }
-table { border-collapse: collapse; font-size: 0.9em; }
-th, td { border-bottom: 1px solid #e4e4e4; padding: 3px 10px; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-code { white-space: pre; background: #f6f6f6; padding: 0 3px; }
-.up { color: #2166ac; } .down { color: #b2182b; }
+.tlr-page { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1100px;
+            color: #222; line-height: 1.45; padding: 0 16px; }
+.tlr-page h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+.tlr-page h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+.tlr-page .note { color: #555; font-size: 0.95em; }
+.tlr-page .tokens { display: flex; flex-wrap: wrap; gap: 4px; margin: 8px 0; }
+.tlr-page .tok { white-space: pre; font-family: ui-monospace, monospace; background: #f3f3f3; border: 1px solid #ddd;
+                 border-radius: 3px; padding: 1px 4px; }
+.tlr-page .tok sub { color: #888; font-size: 0.7em; }
+.tlr-page table { border-collapse: collapse; font-size: 0.9em; }
+.tlr-page th, .tlr-page td { border-bottom: 1px solid #e4e4e4; padding: 3px 10px; text-align: left; }
+.tlr-page td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.tlr-page code { white-space: pre; background: #f6f6f6; padding: 0 3px; }
+.tlr-page .up { color: #2166ac; } .tlr-page .down { color: #b2182b; }
 """
+# Scoped to .tlr-page, so the page shown inline in a notebook (``_repr_html_``) restyles nothing around it.
 
 _RENDER = """
 (function () {
+  // Look the views up next to this script, not by document-wide id: a notebook may show several pages.
+  const me = document.currentScript;
+  const root = (me && me.closest(".tlr-page")) || document;
   for (const id of %s) {
-    const props = JSON.parse(document.getElementById(id + "-props").textContent);
-    CircuitsVis.render(id, CircuitsVis.AttentionHeads, props);
+    const props = JSON.parse(root.querySelector('[id="' + id + '-props"]').textContent);
+    const target = root.querySelector('[id="' + id + '"]');
+    target.id = id + "-" + Math.random().toString(36).slice(2);
+    CircuitsVis.render(target.id, CircuitsVis.AttentionHeads, props);
   }
 })();
 """
@@ -178,6 +184,7 @@ def render_html(
 <style>{_STYLE}</style>
 </head>
 <body>
+<div class="tlr-page">
 <h1>{html.escape(heading)}</h1>
 <p class="note">{about}. RA is the gradient of the loss with respect to each head's
 Q&middot;K<sup>T</sup> (Katz &amp; Wolf, NAACL 2025). A gradient-descent step moves attention along
@@ -199,6 +206,7 @@ for its query, key and value.</p>
 <script type="application/json" id="cv-ra-props">{_json_block(ra_props)}</script>
 <script type="application/json" id="cv-fa-props">{_json_block(fa_props)}</script>
 <script>{_RENDER % json.dumps(["cv-ra", "cv-fa"])}</script>
+</div>
 </body>
 </html>
 """
@@ -206,25 +214,33 @@ for its query, key and value.</p>
 
 def to_html(
     result: ReversedAttention,
-    path: str | Path,
+    path: str | Path | None = None,
     heads: Sequence[tuple[int, int]] | None = None,
     example: int = 0,
     title: str | None = None,
-) -> Path:
-    """Write an interactive, self-contained HTML page of RA and forward-attention maps.
+) -> str:
+    """An interactive, self-contained HTML page of RA and forward-attention maps.
 
     Args:
         result: a :class:`~tl_reversed.ReversedAttention` that kept its maps.
-        path: the ``.html`` file to write (parent folders are created).
+        path: where to write the page (parent folders are created); None writes nothing.
         heads: ``(layer, head)`` pairs to show; default the top 10 by RA norm.
         example: which example of the result to show.
         title: the page title (default: the prompt and target).
 
     Returns:
-        The path written. The file loads nothing from the network (the CircuitsVis
-        bundle is inlined, about 1.3 MB) and opens offline in any modern browser.
+        The page as a string (the same for every caller: ``IPython.display.HTML(page)``
+        shows it inline). It loads nothing from the network (the CircuitsVis bundle is
+        inlined, about 1.3 MB) and opens offline in any modern browser.
     """
     page = render_html(result, heads=heads, example=example, title=title)
+    if path is not None:
+        write_page(page, path)
+    return page
+
+
+def write_page(page: str, path: str | Path) -> Path:
+    """Write an HTML page as UTF-8, creating parent folders; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

@@ -35,6 +35,8 @@ from jaxtyping import Float
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from tl_reversed.experiments.perturbation import auc as curve_auc  # the one AUC (trapezoid over the fractions)
+
 if TYPE_CHECKING:  # pragma: no cover
     from tl_reversed.core.reversed_attention import ReversedAttention
 
@@ -338,12 +340,10 @@ def perturbation_frame(
     return ordered.drop(columns="_order").reset_index(drop=True)
 
 
-def curve_auc(fractions: Sequence[float], accuracies: Sequence[float]) -> float:
-    """Area under an accuracy curve by the trapezoid rule (fractions in 0..1)."""
-    x, y = np.asarray(fractions, dtype=float), np.asarray(accuracies, dtype=float)
-    order = np.argsort(x)
-    x, y = x[order], y[order]
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+def figure_row(n: int, panel: tuple[float, float]) -> tuple[Figure, list[Axes]]:
+    """A figure of ``n`` panels side by side, each ``panel`` inches, sharing the y axis."""
+    fig = Figure(figsize=(panel[0] * n, panel[1]), layout="constrained")
+    return fig, list(fig.subplots(1, n, squeeze=False, sharey=True)[0])
 
 
 def _figure_and_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
@@ -393,6 +393,24 @@ def plot_perturbation(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "Perturbation test")
+    return fig
+
+
+def plot_singular_values(result, ax: Axes | None = None) -> Figure:
+    """Singular values of a :class:`~tl_reversed.lens.backward_lens.GradientRank` gradient (log axis).
+
+    A dotted line marks the numerical rank, a dashed one the lemma's bound
+    ``min(n_positions, d_in, d_out)``: the values fall to round-off past the rank.
+    """
+    fig, ax = _figure_and_axes(ax, (5.0, 3.5))
+    values = result.singular_values.double().numpy()
+    ax.semilogy(np.arange(1, len(values) + 1), np.clip(values, np.finfo(float).tiny, None), marker=".", label="singular values")
+    ax.axvline(result.rank, color="C1", linestyle=":", label=f"numerical rank {result.rank}")
+    ax.axvline(result.bound, color="grey", linestyle="--", label=f"bound {result.bound}")
+    ax.set_xlabel("index")
+    ax.set_ylabel("singular value")
+    ax.set_title(f"gradient of {result.matrix}, layer {result.layer} ({result.n_positions} positions)")
+    ax.legend(fontsize=8)
     return fig
 
 
