@@ -90,15 +90,44 @@ th {{ font-weight: normal; color: #555; padding: 2px 4px; white-space: pre; font
 td {{ padding: 3px 5px; text-align: center; white-space: pre; font-family: ui-monospace, monospace;
       border: 1px solid #fff; min-width: 48px; }}
 .note {{ color: #555; max-width: 900px; }}
+.legend {{ display: flex; align-items: center; gap: 6px; font-size: 12px; color: #333; margin: 0 0 8px; }}
+.legend .bar {{ display: inline-block; width: 220px; height: 12px; border: 1px solid #bbb; }}
+.legend .lo, .legend .hi {{ font-family: ui-monospace, monospace; }}
+.legend .caption {{ color: #555; margin-left: 8px; }}
 </style></head><body>
 <h1>{title}</h1>
 <p class="note">Rows are layers (last layer on top), columns the input tokens. Each cell shows the token a
 gradient-descent step pushes that site's output toward (top token of -VJP through the final norm and the
-unembedding, projection "{projection}"); the background is the VJP norm. Hover a cell for the norm, the
-{k} tokens pushed toward and away, and the target's rank.</p>
+unembedding, projection "{projection}"); the background is the VJP norm, on the scale of the legend above
+each table (one scale per site). Hover a cell for the norm, the {k} tokens pushed toward and away, and the
+target's rank.</p>
 {tables}
 </body></html>
 """
+
+
+def _legend(site: str, values: np.ndarray, scale, log: bool, cmap) -> str:
+    """The colour bar of one site's table: the norms its ends stand for, and what the colour is."""
+    from matplotlib.colors import to_hex
+
+    esc = html_lib.escape
+    if not (values > 0).any():
+        caption = "every VJP of this site is zero in this example (no path to the loss): white cells"
+        return f'<div class="legend" data-site="{esc(site)}"><span class="caption">{caption}</span></div>'
+    low, high = float(scale.vmin), float(scale.vmax)
+    kind = "log" if log else "linear"
+    stops = ", ".join(f"{to_hex(cmap(t))} {100 * t:g}%" for t in np.linspace(0.0, 1.0, 11))
+    span = "from the smallest nonzero norm" if log else "from 0"
+    caption = (
+        f"background: L2 norm of the VJP (dL/d activation) of each cell, {kind} scale {span} to the largest "
+        "norm of this site in this example; white: a zero VJP"
+    )
+    return (
+        f'<div class="legend" data-site="{esc(site)}" data-scale="{kind}" data-min="{low!r}" data-max="{high!r}">'
+        f'<span class="lo">{low:.4g}</span>'
+        f'<span class="bar" style="background:linear-gradient(to right, {stops})"></span>'
+        f'<span class="hi">{high:.4g}</span><span class="caption">{esc(caption)}</span></div>'
+    )
 
 
 def render_html(
@@ -138,7 +167,7 @@ def render_html(
                 )
             rows.append(f"<tr><th>{result.layers[j]}</th>{''.join(cells)}</tr>")
         tables.append(
-            f"<h2>{esc(name)}</h2><table><tr><th>layer</th>{head}</tr>{''.join(rows)}</table>"
+            f"<h2>{esc(name)}</h2>{_legend(name, values, scale, log, cmap)}<table><tr><th>layer</th>{head}</tr>{''.join(rows)}</table>"
         )
     target = f"target {result.targets[i]!r}" if result.targets else "custom metric"
     prompt = f"{result.prompts[i]!r} " if result.prompts else ""
