@@ -4,7 +4,10 @@ model's gradient reads " Rome" when asked to say " Rome"."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -357,6 +360,69 @@ def test_dataframe_grid_plot_and_html(tiny64, tmp_path):
     assert (tmp_path / "lens.html").read_text(encoding="utf-8") == page
     assert "http" not in page and "<script" not in page and "src=" not in page
     assert page.count("<td ") == len(lens.sites) * len(lens.layers) * n
+
+
+class _LensPage(HTMLParser):
+    """The legends (``div.legend``: attributes, texts of its spans by class) and the cells' backgrounds per site."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.legends: list[dict] = []
+        self.cells: list[list[str]] = []
+        self._span: str | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "div" and attrs.get("class") == "legend":
+            self.legends.append({"attrs": attrs, "texts": {}})
+            self.cells.append([])
+        elif tag == "span" and self.legends:
+            self._span = attrs.get("class")
+            if self._span == "bar":
+                self.legends[-1]["bar"] = attrs["style"]
+        elif tag == "td" and self.cells:
+            self.cells[-1].append(re.search(r"background:(#[0-9a-f]{6})", attrs["style"]).group(1))
+
+    def handle_endtag(self, tag):
+        if tag == "span":
+            self._span = None
+
+    def handle_data(self, data):
+        if self._span is not None:
+            texts = self.legends[-1]["texts"]
+            texts[self._span] = texts.get(self._span, "") + data
+
+
+@pytest.mark.parametrize("log", [True, False])
+def test_html_legend_gives_each_sites_colour_scale(tiny64, log):
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    lens = backward_lens(tiny64, PROMPT, TARGET, top_k=3)
+    n = int(lens.lengths[0])
+    page = _LensPage(lens.to_html(log=log))
+    assert [legend["attrs"]["data-site"] for legend in page.legends] == lens.sites
+    viridis = colormaps["viridis"]
+    for legend, cells, site in zip(page.legends, page.cells, lens.sites):
+        norms = lens.norms[0, lens.sites.index(site), :, :n]
+        low = float(norms[norms > 0].min()) if log else 0.0
+        high = float(norms.max())
+        assert (float(legend["attrs"]["data-min"]), float(legend["attrs"]["data-max"])) == (low, high)
+        assert legend["attrs"]["data-scale"] == ("log" if log else "linear")
+        assert (legend["texts"]["lo"], legend["texts"]["hi"]) == (f"{low:.4g}", f"{high:.4g}")
+        caption = legend["texts"]["caption"]
+        assert "norm of the VJP" in caption and ("log scale" if log else "linear scale") in caption
+        # the bar runs from the colour of the smallest cell to that of the largest
+        stops = re.findall(r"#[0-9a-f]{6}", legend["bar"])
+        assert (stops[0], stops[-1]) == (to_hex(viridis(0.0)), to_hex(viridis(1.0)))
+        if log:
+            assert cells[int(norms.flip(0).flatten().masked_fill(norms.flip(0).flatten() == 0, math.inf).argmin())] == stops[0]
+        assert cells[int(norms.flip(0).flatten().argmax())] == stops[-1]  # page order: last layer first
+    # an all-zero site has a legend saying so, and no bar
+    zero = _LensPage(dataclasses.replace(lens, norms=torch.zeros_like(lens.norms)).to_html(site="mlp_out", log=log))
+    assert "bar" not in zero.legends[0] and "data-min" not in zero.legends[0]["attrs"]
+    assert zero.legends[0]["texts"]["caption"].startswith("every VJP of this site is zero")
 
 
 def test_top_token_queries(tiny64):

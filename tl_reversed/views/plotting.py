@@ -346,11 +346,15 @@ def figure_row(n: int, panel: tuple[float, float]) -> tuple[Figure, list[Axes]]:
     return fig, list(fig.subplots(1, n, squeeze=False, sharey=True)[0])
 
 
-def _figure_and_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
+def figure_and_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
+    """``ax`` and its figure, or a new constrained-layout figure of ``size`` inches with one axes."""
     if ax is not None:
         return ax.figure, ax  # type: ignore[return-value]
     fig = Figure(figsize=size, layout="constrained")
     return fig, fig.subplots()
+
+
+_figure_and_axes = figure_and_axes  # the old name, still imported by tl_reversed.experiments; use figure_and_axes
 
 
 def plot_perturbation(
@@ -373,7 +377,7 @@ def plot_perturbation(
         The Figure; one line per method, labelled with its area under the curve.
     """
     frame = perturbation_frame(curves)
-    fig, ax = _figure_and_axes(ax, (6.0, 4.2))
+    fig, ax = figure_and_axes(ax, (6.0, 4.2))
     colours: dict[str, str] = {}
     palette = iter([f"C{i}" for i in range(100)])
     methods = list(dict.fromkeys(frame["method"]))
@@ -438,7 +442,7 @@ def plot_lr_sweep(
     missing = {"lr", "accuracy", "source"} - set(df.columns)
     if missing:
         raise ValueError(f"the DataFrame needs columns lr, accuracy, source; missing {sorted(missing)}")
-    fig, ax = _figure_and_axes(ax, (6.0, 4.2))
+    fig, ax = figure_and_axes(ax, (6.0, 4.2))
     stats = df.groupby(["source", "lr"], sort=False)["accuracy"].agg(["mean", "min", "max", "count"]).reset_index()
     for i, source in enumerate(dict.fromkeys(stats["source"])):
         part = stats[stats["source"] == source].sort_values("lr")
