@@ -76,7 +76,6 @@ from tl_reversed.core.architecture import (
 from tl_reversed.core.engine import Metric, chunks, forward_backward
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.reversed_attention import (
-    KEEP,
     ReversedAttention,
     _LayerSink,
     _str_tokens,
@@ -84,11 +83,23 @@ from tl_reversed.core.reversed_attention import (
     assemble,
     check_layers,
 )
+from tl_reversed.core.options import (
+    DIRECTIONS,
+    KEEP,
+    LENS_KEEP,
+    PROJECTIONS,
+    Direction,
+    Keep,
+    LensKeep,
+    Matrix,
+    Projection,
+    Site,
+    check_option,
+    show_progress,
+)
 from tl_reversed.core.state import untouched
 
-DEFAULT_SITES = ("mlp_out", "attn_out")
-PROJECTIONS = ("weight", "jacobian")
-LENS_KEEP = ("vectors", "tokens")
+DEFAULT_SITES: tuple[Site, ...] = ("mlp_out", "attn_out")
 _ROWS_PER_CHUNK = 1 << 24  # vocabulary logits computed at once (floats), bounds the memory
 
 
@@ -153,7 +164,7 @@ class BackwardLens:
     sites: list[str]
     layers: list[int]
     vocab: dict[int, str] = field(repr=False)
-    projection: str = "weight"
+    projection: Projection = "weight"
     head_norms: Float[Tensor, "batch layer head pos"] | None = None
     head_top: TopTokens | None = None
     vjps: Float[Tensor, "batch site layer pos d_model"] | None = field(default=None, repr=False)
@@ -205,7 +216,7 @@ class BackwardLens:
         position: int = -1,
         example: int = 0,
         *,
-        direction: str = "toward",
+        direction: Direction = "toward",
         k: int | None = None,
     ) -> list[tuple[str, float]]:
         """The tokens one site's VJP pushes ``"toward"`` (``-VJP``) or ``"away"`` (``+VJP``).
@@ -225,24 +236,23 @@ class BackwardLens:
         position: int = -1,
         example: int = 0,
         *,
-        direction: str = "toward",
+        direction: Direction = "toward",
         k: int | None = None,
     ) -> list[tuple[str, float]]:
         """The tokens one head's output is pushed toward / away from (``dz_h @ W_O[h]``)."""
         if self.head_top is None or self.head_norms is None:
             raise ValueError("this result has no heads: call backward_lens(..., heads=True)")
-        if not 0 <= head < self.head_norms.shape[2]:
-            raise ValueError(f"head {head} out of range: the model has {self.head_norms.shape[2]} heads")
+        n_heads = self.head_norms.shape[2]
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads:
+            raise ValueError(f"head {head!r} out of range: the model has {n_heads} heads (0..{n_heads - 1})")
         i = self._example(example)
         index = (i, self._layer(layer), head, self._position(position, i))
         return self._pick(self.head_top, index, direction, k)
 
-    def _pick(self, top: TopTokens, index: tuple, direction: str, k: int | None) -> list[tuple[str, float]]:
-        if direction == "toward":
+    def _pick(self, top: TopTokens, index: tuple, direction: Direction, k: int | None) -> list[tuple[str, float]]:
+        if check_option("direction", direction, DIRECTIONS) == "toward":
             return self._strings(top.toward_ids[index], top.toward_values[index], k)
-        if direction == "away":
-            return self._strings(top.away_ids[index], top.away_values[index], k)
-        raise ValueError(f"direction must be 'toward' or 'away', got {direction!r}")
+        return self._strings(top.away_ids[index], top.away_values[index], k)
 
     def target_ranks(self, site: str = "mlp_out", position: int = -1, example: int = 0) -> dict[int, int]:
         """Rank (1 = first) of the first target token among the pushed-toward tokens, per layer."""
@@ -472,7 +482,7 @@ class _LensSink:
         return hook
 
 
-def _check_sites(sites: str | Sequence[str], model: object, layers: list[int]) -> list[str]:
+def _check_sites(sites: Site | Sequence[Site], model: object, layers: list[int]) -> list[str]:
     chosen = [sites] if isinstance(sites, str) else list(sites)
     if not chosen:
         raise ValueError(f"sites is empty: choose some of {LENS_SITES}")
@@ -649,29 +659,27 @@ def _run(
     layers: Sequence[int] | int | None,
     heads: bool,
     top_k: int,
-    projection: str,
-    keep: str,
+    projection: Projection,
+    keep: LensKeep,
     batch_size: int | None,
     progress: bool | None,
     extra_hooks: Sequence,
-    ra_keep: str | None,
+    ra_keep: Keep | None,
 ) -> LensAndRA | BackwardLens:
     spec = describe(model)
     chosen = check_layers(layers, spec)
     site_list = _check_sites(sites, model, chosen)
-    if projection not in PROJECTIONS:
-        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-    if keep not in LENS_KEEP:
-        raise ValueError(f"keep must be one of {LENS_KEEP}, got {keep!r}")
-    if ra_keep is not None and ra_keep not in KEEP:
-        raise ValueError(f"ra_keep must be one of {KEEP}, got {ra_keep!r}")
+    check_option("projection", projection, PROJECTIONS)
+    check_option("keep", keep, LENS_KEEP)
+    if ra_keep is not None:
+        check_option("ra_keep", ra_keep, KEEP)
     if not isinstance(heads, bool):
         raise TypeError(f"heads must be True or False, got {heads!r}")
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
     n, width = batch.tokens.shape
     dtype = accumulation_dtype(next(model.parameters()).dtype)
     parts = chunks(batch, batch_size, same_length=metric is not None)
-    show = len(parts) > 1 if progress is None else progress
+    show = show_progress(progress, len(parts))
     loss = torch.zeros(n, dtype=dtype)
     with untouched(model):
         projector = _Projector(model, projection, top_k, dtype)
@@ -727,13 +735,13 @@ def backward_lens(
     prompts: PromptsLike,
     targets: TargetsLike = None,
     *,
-    sites: str | Sequence[str] = DEFAULT_SITES,
+    sites: Site | Sequence[Site] = DEFAULT_SITES,
     metric: Metric | None = None,
     layers: Sequence[int] | int | None = None,
     heads: bool = True,
     top_k: int = 10,
-    projection: str = "weight",
-    keep: str = "vectors",
+    projection: Projection = "weight",
+    keep: LensKeep = "vectors",
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
@@ -755,7 +763,8 @@ def backward_lens(
             final norm's exact linearisation at each position); see the module docstring.
         keep: ``"vectors"`` keeps the VJPs themselves; ``"tokens"`` only norms and tokens.
         batch_size: examples per forward/backward pass (``None``: all at once).
-        progress: show a progress bar (default: when there is more than one batch).
+        progress: show a progress bar over the batches (``None``: when there is more than
+            one; see :mod:`tl_reversed.core.options`).
         extra_hooks: forward hooks that stay on during the pass, e.g. an attention patch.
 
     Returns:
@@ -772,14 +781,14 @@ def backward_lens_and_ra(
     prompts: PromptsLike,
     targets: TargetsLike = None,
     *,
-    sites: str | Sequence[str] = DEFAULT_SITES,
+    sites: Site | Sequence[Site] = DEFAULT_SITES,
     metric: Metric | None = None,
     layers: Sequence[int] | int | None = None,
     heads: bool = True,
     top_k: int = 10,
-    projection: str = "weight",
-    keep: str = "vectors",
-    ra_keep: str = "maps",
+    projection: Projection = "weight",
+    keep: LensKeep = "vectors",
+    ra_keep: Keep = "maps",
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
@@ -800,7 +809,7 @@ def gradient_rank(
     prompts: PromptsLike,
     targets: TargetsLike = None,
     layer: int = 0,
-    matrix: str = "W_in",
+    matrix: Matrix = "W_in",
     *,
     metric: Metric | None = None,
     rtol: float | None = None,
