@@ -157,7 +157,8 @@ def head_scores(
     Returns:
         A :class:`HeadScores`.
     """
-    check_option("method", method, METHODS)
+    if method not in METHODS:
+        raise ValueError(f"unknown ranking method {method!r}; choose one of {', '.join(METHODS)}")
     check_option("position", position, POSITIONS)
     spec = describe(model)
     start = time.perf_counter()
