@@ -76,7 +76,9 @@ def check_device(device: str | None) -> None:
     except (RuntimeError, ValueError):
         raise CommandError(f"--device {device!r} is not a torch device: use e.g. cpu, cuda or cuda:1") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {device!r}, but CUDA is not available to this torch ({torch.__version__}): use --device cpu")
+        raise CommandError(
+            f"--device {device!r}, but CUDA is not available to this torch ({torch.__version__}): use --device cpu"
+        )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise CommandError(f"--device {device!r}, but MPS is not available on this machine: use --device cpu")
 
