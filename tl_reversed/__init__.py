@@ -16,27 +16,56 @@ The public module paths of the first release (``tl_reversed.reversed_attention``
 homes in the layers.
 """
 
-# Load the public module paths before binding the functions that share their names
-# (``reversed_attention``, ``backward_lens``): a first import of such a path later
-# would otherwise replace the function attribute with the module.
-import tl_reversed.backward_lens  # noqa: F401
-import tl_reversed.reversed_attention  # noqa: F401
-from tl_reversed.core.cache import cache_with_grads, ra_from_cache
-from tl_reversed.core.models import load_model
-from tl_reversed.core.reversed_attention import ReversedAttention, ra_from_parts, reversed_attention
-from tl_reversed.lens.backward_lens import BackwardLens, backward_lens, backward_lens_and_ra, gradient_rank
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BackwardLens",
-    "backward_lens",
-    "backward_lens_and_ra",
-    "gradient_rank",
-    "ReversedAttention",
-    "cache_with_grads",
-    "load_model",
-    "ra_from_cache",
-    "ra_from_parts",
-    "reversed_attention",
-]
+# The public names are loaded on first use (PEP 562), so that ``import tl_reversed`` and
+# the command line's ``--help`` do not import torch.
+_PUBLIC = {
+    "BackwardLens": "tl_reversed.lens.backward_lens",
+    "backward_lens": "tl_reversed.lens.backward_lens",
+    "backward_lens_and_ra": "tl_reversed.lens.backward_lens",
+    "gradient_rank": "tl_reversed.lens.backward_lens",
+    "ReversedAttention": "tl_reversed.core.reversed_attention",
+    "cache_with_grads": "tl_reversed.core.cache",
+    "load_model": "tl_reversed.core.models",
+    "ra_from_cache": "tl_reversed.core.cache",
+    "ra_from_parts": "tl_reversed.core.reversed_attention",
+    "reversed_attention": "tl_reversed.core.reversed_attention",
+}
+
+__all__ = sorted(_PUBLIC, key=str.lower)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+class _Package(types.ModuleType):
+    """The package module: ``tl_reversed.reversed_attention`` and ``tl_reversed.backward_lens``
+    stay the functions, also after ``import tl_reversed.reversed_attention``.
+
+    Importing a submodule binds it on its package (``setattr(tl_reversed, "reversed_attention",
+    module)``), which would replace the function of the same name with the module. The
+    package keeps the function instead; the module stays in ``sys.modules`` under both
+    paths.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

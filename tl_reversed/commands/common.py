@@ -6,7 +6,12 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 from pathlib import Path
+
+
+class CommandError(Exception):
+    """A problem the user can fix on the command line: ``main`` prints it on one line, exit code 2."""
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +22,98 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         "or a hub id / local folder",
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
+
+
+def add_format_argument(parser: argparse.ArgumentParser) -> None:
+    """``--json`` / ``--csv``: the result's ``to_dataframe()`` rows on stdout instead of the text."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--json", dest="format", action="store_const", const="json",
+                       help="print the result's table (to_dataframe()) as a JSON array, one object per row")
+    group.add_argument("--csv", dest="format", action="store_const", const="csv",
+                       help="print the result's table (to_dataframe()) as CSV")  # fmt: skip
+
+
+def print_table(frame, fmt: str) -> None:
+    """Write a DataFrame to stdout as JSON records (``fmt="json"``) or CSV (``fmt="csv"``)."""
+    if fmt == "json":
+        sys.stdout.write(frame.to_json(orient="records", double_precision=15) + "\n")
+    else:
+        frame.to_csv(sys.stdout, index=False)
+
+
+def positive_int(text: str) -> int:
+    """``"5"`` -> ``5``; zero, negative and non-integer values are refused (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def writable_folder(path: str | Path, option: str = "--out") -> Path:
+    """Create ``path`` and check that a file can be written there, before any work is done."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise CommandError(f"cannot write to {option} {str(out)!r} ({reason}): choose a writable folder") from None
+    return out
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` torch does not know or this machine does not have."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {device!r} is not a torch device: use e.g. cpu, cuda or cuda:1") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CommandError(
+            f"--device {device!r}, but CUDA is not available to this torch ({torch.__version__}): use --device cpu"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {device!r}, but MPS is not available on this machine: use --device cpu")
+
+
+def load_cli_model(args: argparse.Namespace):
+    """The model of ``--model`` on ``--device``; a model that cannot load is a one-line :class:`CommandError`."""
+    check_device(args.device)
+    from tl_reversed import load_model
+
+    name = args.model
+    if name is not None and name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise CommandError(f"--model {name!r}: no such folder; give a local model folder, a hub id or omit --model")
+    try:
+        return load_model(name, device=args.device)
+    except Exception as error:  # noqa: BLE001 - any loading failure becomes one line
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CommandError(
+            f"cannot load model {name!r}: {first} (omit --model for the embedded SmolLM2, or give "
+            f"'gemma-3-270m', a hub id or a local folder)"
+        ) from None
+
+
+def predicted_next(model, prompt: str) -> str:
+    """The model's top-1 next token after ``prompt`` alone, read at its last token.
+
+    With a multi-token target the model reads ``prompt + target[:-1]``; its prediction at
+    the last of those tokens is not what it predicts after the prompt, so this runs the
+    prompt alone (tokenized as :func:`tl_reversed.core.inputs.tokenize` does).
+    """
+    import torch
+
+    tokens = model.to_tokens(prompt).to(next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(tokens)
+    return model.to_string(logits[0, -1].argmax())
 
 
 def int_list(text: str) -> list[int]:

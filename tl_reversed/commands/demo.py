@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tl_reversed.commands.common import add_model_argument
+from tl_reversed.commands.common import add_model_argument, load_cli_model, positive_int, predicted_next, writable_folder
 from tl_reversed.commands.heads import format_heads
 
 PROMPT = "The capital city of France is"
@@ -56,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--targets", nargs=2, default=list(TARGETS), metavar=("A", "B"),
         help=f"two targets to compare (default {TARGETS[0]!r} {TARGETS[1]!r}; mind the leading space)",
     )  # fmt: skip
-    parser.add_argument("--top", type=int, default=10, help="heads to print and to show in the map (default 10)")
+    parser.add_argument("--top", type=positive_int, default=10, help="heads to print and to show in the map (default 10)")
     parser.add_argument("--out", default="out", help="output folder (default out/)")
     add_model_argument(parser)
     return parser
@@ -65,11 +65,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=DPI)
     return path
-
-
-def _predicted(model, result) -> str:
-    tokens = result.tokens[:, : int(result.lengths[0])]
-    return model.to_string(model(tokens)[0, -1].argmax())
 
 
 def write_demo(
@@ -88,7 +83,7 @@ def write_demo(
     out.mkdir(parents=True, exist_ok=True)
     results = {target: reversed_attention(model, prompt, target) for target in targets}
     first, second = (results[t] for t in targets)
-    prediction = _predicted(model, first)
+    prediction = predicted_next(model, prompt)
 
     lines = [f"prompt {prompt!r}; the model predicts {prediction!r}"]
     for target, result in results.items():
@@ -204,10 +199,9 @@ lock it). Each RA map is scaled to its own largest |RA| with the sign kept.
 
 
 def run(args: argparse.Namespace) -> int:
-    from tl_reversed import load_model
-
     start = time.perf_counter()
-    model = load_model(args.model, device=args.device)
+    writable_folder(args.out)
+    model = load_cli_model(args)
     output = write_demo(model, args.out, args.prompt, tuple(args.targets), args.top)
     print(output.report)
     seconds = time.perf_counter() - start

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from tl_reversed.commands.common import add_model_argument
+from tl_reversed.commands.common import (
+    add_format_argument,
+    add_model_argument,
+    load_cli_model,
+    positive_int,
+    predicted_next,
+    print_table,
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -13,12 +20,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="print the top heads by Reversed Attention norm",
         description="Print the heads whose attention gradient descent most wants to change for "
         "PROMPT -> TARGET, each with the query row that dominates its RA map and the key tokens "
-        "that row pushes up (a descent step attends to them more) and down.",
+        "that row pushes up (a descent step attends to them more) and down. With --json or --csv, "
+        "print every head's RA and forward-attention norm instead (one row per head).",
     )
     parser.add_argument("--prompt", required=True, help='e.g. "The capital city of France is"')
     parser.add_argument("--target", required=True, help='e.g. " Paris" (mind the leading space)')
-    parser.add_argument("--top", type=int, default=10, help="number of heads to print (default 10)")
+    parser.add_argument("--top", type=positive_int, default=10, help="number of heads to print (default 10)")
     add_model_argument(parser)
+    add_format_argument(parser)
     return parser
 
 
@@ -37,11 +46,14 @@ def format_heads(result, top: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tl_reversed import load_model, reversed_attention
+    from tl_reversed import reversed_attention
 
-    model = load_model(args.model, device=args.device)
-    result = reversed_attention(model, args.prompt, args.target)
-    prediction = model.to_string(model(result.tokens[:, : int(result.lengths[0])])[0, -1].argmax())
+    model = load_cli_model(args)
+    result = reversed_attention(model, args.prompt, args.target, keep="norms" if args.format else "maps")
+    if args.format:
+        print_table(result.to_dataframe(), args.format)
+        return 0
+    prediction = predicted_next(model, args.prompt)
     print(f"prompt {args.prompt!r} -> target {args.target!r}: loss {float(result.loss[0]):.3f}, model predicts {prediction!r}")
     print(format_heads(result, args.top))
     return 0

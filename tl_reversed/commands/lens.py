@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from tl_reversed.commands.common import add_model_argument
+from tl_reversed.commands.common import (
+    add_format_argument,
+    add_model_argument,
+    load_cli_model,
+    predicted_next,
+    print_table,
+    writable_folder,
+)
+from tl_reversed.core.options import PROJECTIONS, SITES as ALL_SITES
 
 SITES = ("mlp_out", "attn_out")
 
@@ -18,20 +25,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "gradient (VJP) at mlp_out and attn_out through the final norm and the unembedding. "
         "Prints, for every layer and position, the token a gradient-descent step pushes that "
         "output toward (the top token of -VJP), and writes the layer x position figure "
-        "(colour = VJP norm) and an HTML page to --out.",
+        "(colour = VJP norm) and an HTML page to --out. With --json or --csv, print the lens table "
+        "instead (one row per site, layer and position) and write no files.",
     )
     parser.add_argument("--prompt", required=True, help='e.g. "The capital city of France is"')
     parser.add_argument("--target", required=True, help='e.g. " Rome" (mind the leading space)')
     parser.add_argument(
-        "--site", action="append", choices=("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"),
+        "--site", action="append", choices=ALL_SITES,
         help="site to read (repeat for several; default mlp_out and attn_out)",
     )  # fmt: skip
     parser.add_argument(
-        "--projection", choices=("weight", "jacobian"), default="weight",
+        "--projection", choices=PROJECTIONS, default="weight",
         help="weight: final-norm gain then W_U (default); jacobian: the final norm's linearisation per position",
     )  # fmt: skip
     parser.add_argument("--out", default="out/lens", help="folder for backward_lens.png and .html (default out/lens)")
     add_model_argument(parser)
+    add_format_argument(parser)
     return parser
 
 
@@ -49,14 +58,16 @@ def format_grid(lens, site: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tl_reversed import load_model
     from tl_reversed.lens.backward_lens import backward_lens
 
-    model = load_model(args.model, device=args.device)
+    out = None if args.format else writable_folder(args.out)
+    model = load_cli_model(args)
     sites = tuple(dict.fromkeys(args.site)) if args.site else SITES
     lens = backward_lens(model, args.prompt, args.target, sites=sites, heads=False, projection=args.projection)
-    tokens = lens.tokens[:, : int(lens.lengths[0])]
-    prediction = model.to_string(model(tokens.to(next(model.parameters()).device))[0, -1].argmax())
+    if args.format:
+        print_table(lens.to_dataframe(), args.format)
+        return 0
+    prediction = predicted_next(model, args.prompt)
     print(
         f"prompt {args.prompt!r} -> target {args.target!r}: loss {float(lens.loss[0]):.3f}, "
         f"model predicts {prediction!r}"
@@ -65,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
     for site in lens.sites:
         print(f"\n{site}")
         print(format_grid(lens, site))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     figure = lens.plot()
     figure.savefig(out / "backward_lens.png", dpi=120)
     lens.to_html(out / "backward_lens.html")

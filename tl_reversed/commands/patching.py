@@ -19,9 +19,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from tl_reversed.commands.common import Checkpoint, add_model_argument, command_line, int_list, markdown_table
+from tl_reversed.commands.common import (
+    Checkpoint,
+    add_model_argument,
+    command_line,
+    int_list,
+    load_cli_model,
+    markdown_table,
+    writable_folder,
+)
 
 
 def float_list(text: str) -> list[float]:
@@ -50,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--iterative", action="store_true", help="also run iterative RA patching")
     parser.add_argument("--n-train", type=int, default=25, help="training prompts of one length to average (default 25)")
     parser.add_argument("--n-test", type=int, default=100, help="test prompts of that length, at most (default 100)")
-    parser.add_argument("--lrs", type=float_list, default=float_list("paper"), help="lr sweep, comma-separated, or 'paper' (default)")
+    parser.add_argument("--lrs", type=float_list, default="paper", help="lr sweep, comma-separated, or 'paper' (default)")
     parser.add_argument("--lr-ra", type=float, default=-30.0, help="the RA lr of the table (default -30, the paper's)")
     parser.add_argument("--lr-fa", type=float, default=1.0, help="the forward-attention lr of the table (default +1, the paper's)")
     parser.add_argument("--iter-lr", type=float, default=-10.0, help="lr of each iterative step (default -10)")
@@ -85,18 +92,16 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from tl_reversed import load_model
     from tl_reversed.experiments.tasks import load_task, make_examples
 
     task = load_task(args.task).name
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(args.out)
     lrs = list(dict.fromkeys([*args.lrs, args.lr_ra, args.lr_fa, 0.0]))
     settings = {k: getattr(args, k) for k in ("model", "n_train", "n_test", "seed", "template", "batch_size")}
     checkpoint = Checkpoint(out, f"{task}_patching", {"task": task, "lrs": lrs, "iter_lr": args.iter_lr, "steps": args.steps, **settings}, enabled=not args.no_resume)
-    model = load_model(args.model, device=args.device)
+    model = load_cli_model(args)
 
     rows, sweeps, iterations, seconds = [], [], [], 0.0
     parts = ["ra", "fa"] + (["iterative"] if args.iterative else [])

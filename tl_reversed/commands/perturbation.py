@@ -16,18 +16,24 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from tl_reversed.commands.common import Checkpoint, add_model_argument, command_line, int_list, markdown_table
+from tl_reversed.commands.common import (
+    Checkpoint,
+    add_model_argument,
+    command_line,
+    int_list,
+    load_cli_model,
+    markdown_table,
+    writable_folder,
+)
+from tl_reversed.core.options import METHODS
 
-DEFAULT_METHODS = "ra,fa,cm1,cm2,atp,random,index"
+DEFAULT_METHODS = ",".join(METHODS)
 METHOD_NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP", "random": "Random", "index": "Index"}
 
 
 def method_list(text: str) -> list[str]:
     """``"ra,cm1"`` -> ``["ra", "cm1"]``, checked against the known methods (argparse type)."""
-    from tl_reversed.experiments.ranking import METHODS
-
     values = [part.strip().lower() for part in text.split(",") if part.strip()]
     unknown = [v for v in values if v not in METHODS]
     if unknown or not values:
@@ -40,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "perturbation",
         help="perturbation test of head rankings (the paper's Tables 5-12)",
         description="Rank heads by RA, forward attention, causal mediation (CM1, CM2), attribution "
-        "patching, random and layer order; keep the top 0-100%% of heads and measure accuracy; "
+        "patching, random and layer order; keep the top 0-100% of heads and measure accuracy; "
         "report each ranking's AUC in its own order (higher is better) and reversed (lower is better). "
         "Each finished ranking is saved under OUT/.partial/, so a killed run resumes where it stopped.",
     )
@@ -62,17 +68,15 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from tl_reversed import load_model
     from tl_reversed.experiments.perturbation import perturbation_test
     from tl_reversed.experiments.ranking import head_scores
     from tl_reversed.experiments.tasks import load_task, make_examples
 
     task = load_task(args.task).name
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(args.out)
     settings = {k: getattr(args, k) for k in ("model", "n", "n_score", "seed", "template", "batch_size")}
     checkpoint = Checkpoint(out, f"{task}_perturbation", {"task": task, **settings}, enabled=not args.no_resume)
-    model = load_model(args.model, device=args.device)
+    model = load_cli_model(args)
 
     units, notes = [], []
     bar = tqdm(total=len(args.shots) * len(args.methods), desc=f"perturbation {task}", unit="ranking")

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tl_reversed.core.options import MATRICES, SITES
+
 EMBED = "hook_embed"
 """Forward hook that turns the embeddings into the leaf of the backward pass."""
 
@@ -207,10 +209,10 @@ On both model classes ``FINAL_NORM`` (``ln_final.hook_normalized``) is the norma
 residual *before* the norm's elementwise weight: ``(x - mean) / scale`` or ``x / scale``.
 """
 
-LENS_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+LENS_SITES = SITES
 """Block hooks whose gradient lives in the residual stream, readable through the unembedding."""
 
-WEIGHT_MATRICES = ("W_in", "W_gate", "W_out", "W_O")
+WEIGHT_MATRICES = MATRICES
 """Weight matrices whose gradient :func:`weight_io` can rebuild from hooks (TransformerLens names)."""
 
 

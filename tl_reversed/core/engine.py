@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import EMBED, last_position_hook, positions_hook
 from tl_reversed.core.inputs import Batch, target_loss, target_positions
+from tl_reversed.core.options import show_progress
 from tl_reversed.core.state import untouched
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Float[Tensor, " batch"]]
@@ -132,11 +133,11 @@ def run(
         extra_hooks: forward hooks that change the computation (an attention patch, an
             ablation); they run before the sinks' hooks on the same hook points.
         progress: show a progress bar; ``None`` (default) shows one when there is more
-            than one chunk. The same meaning everywhere in the package.
+            than one chunk (:func:`tl_reversed.core.options.show_progress`).
         desc: the progress bar's label.
     """
     parts = batch.chunks(batch_size, same_length=backward and metric is not None)
-    show = len(parts) > 1 if progress is None else bool(progress)
+    show = show_progress(progress, len(parts))
     loss: Tensor | None = None
     with untouched(model):
         for rows in tqdm(parts, desc=desc, disable=not show, leave=False):

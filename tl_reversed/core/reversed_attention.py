@@ -25,9 +25,8 @@ from torch import Tensor
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
 from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
+from tl_reversed.core.options import KEEP, Keep, check_option
 from tl_reversed.core.results import Result
-
-KEEP = ("maps", "norms")
 
 
 def ra_from_parts(
@@ -108,7 +107,12 @@ class ReversedAttention(Result):
         return self.norms.mean(0)
 
     def top_heads(self, k: int = 10) -> list[tuple[int, int]]:
-        """The ``k`` heads with the largest mean RA norm, as ``(layer, head)``, largest first."""
+        """The ``k`` heads with the largest mean RA norm, as ``(layer, head)``, largest first.
+
+        ``k`` is a positive integer; a ``k`` beyond the number of heads gives all heads.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer (the number of heads to return), got {k!r}")
         scores = self.mean_norms()
         order = scores.flatten().argsort(descending=True)[:k]
         return [(self.layers[int(i) // self.n_heads], int(i) % self.n_heads) for i in order]
@@ -117,6 +121,11 @@ class ReversedAttention(Result):
         if layer not in self.layers:
             raise ValueError(f"layer {layer} was not computed; this result has layers {self.layers}")
         return self.layers.index(layer)
+
+    def _head_index(self, head: int) -> int:
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < self.n_heads:
+            raise ValueError(f"head {head!r} out of range: the model has {self.n_heads} heads (0..{self.n_heads - 1})")
+        return head
 
     def _example(self, example: int) -> int:
         if not -len(self) <= example < len(self):
@@ -127,11 +136,9 @@ class ReversedAttention(Result):
         """RA map of one head for one example, trimmed to the example's real tokens."""
         if self.maps is None:
             raise ValueError("this result kept only norms: call reversed_attention(..., keep='maps')")
-        if not 0 <= head < self.n_heads:
-            raise ValueError(f"head {head} out of range: the model has {self.n_heads} heads")
         i = self._example(example)
         n = int(self.lengths[i])
-        return self.maps[i, self._layer_index(layer), head, :n, :n]
+        return self.maps[i, self._layer_index(layer), self._head_index(head), :n, :n]
 
     def head_pattern(self, layer: int, head: int, example: int = 0) -> Float[Tensor, "query_pos key_pos"]:
         """Forward attention of one head for one example, trimmed like :meth:`head`."""
@@ -139,7 +146,7 @@ class ReversedAttention(Result):
             raise ValueError("this result kept only norms: call reversed_attention(..., keep='maps')")
         i = self._example(example)
         n = int(self.lengths[i])
-        return self.pattern[i, self._layer_index(layer), head, :n, :n]
+        return self.pattern[i, self._layer_index(layer), self._head_index(head), :n, :n]
 
     def describe_head(self, layer: int, head: int, example: int = 0, k: int = 3, min_share: float = 0.01) -> dict:
         """The query row that dominates a head's map and the keys it pushes up and down most.
@@ -296,7 +303,7 @@ def reversed_attention(
     *,
     metric: Metric | None = None,
     layers: Sequence[int] | int | None = None,
-    keep: str = "maps",
+    keep: Keep = "maps",
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
@@ -314,7 +321,8 @@ def reversed_attention(
         layers: the layers to compute (default all).
         keep: ``"maps"`` keeps every map; ``"norms"`` keeps ``[batch, layer, head]`` only.
         batch_size: examples per forward/backward pass (``None``: all at once).
-        progress: show a progress bar (default: when there is more than one batch).
+        progress: show a progress bar over the batches (``None``: when there is more than
+            one; see :mod:`tl_reversed.core.options`).
         extra_hooks: forward hooks that stay on during the pass, e.g. an attention patch.
 
     Returns:
@@ -322,8 +330,7 @@ def reversed_attention(
     """
     spec = describe(model)
     chosen = check_layers(layers, spec)
-    if keep not in KEEP:
-        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    check_option("keep", keep, KEEP)
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
     sink = RASink(model, spec, chosen, batch, keep)
     run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,

@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
+from tl_reversed.core.options import PATCH_POINTS, SOURCES, PatchPoint, Source, check_option, show_progress
 from tl_reversed.experiments.evaluation import Hook, PromptBatch, accuracy, last_logits, prompt_batch
 from tl_reversed.core.results import Result
 from tl_reversed.core.state import untouched
@@ -48,8 +49,6 @@ PAPER_LRS = (3, 2, 1, 0.5, 0, -0.1, -0.5, -1, -2, -4, -6, -8, -10, -15, -20, -25
 PAPER_LR = {"ra": -30.0, "fa": 1.0}
 """The untuned learning rates the paper reports for each source."""
 
-SOURCES = ("ra", "fa")
-PATCH_POINTS = ("z", "pattern")
 
 _GROUP_HINT = (
     "group prompts by length with tl_reversed.experiments.tasks.same_length_groups(model, examples, min_size=...) "
@@ -120,7 +119,7 @@ def _single_length(batch: PromptBatch, what: str) -> int:
 def average_maps(
     model: torch.nn.Module,
     train_examples: object,
-    source: str = "ra",
+    source: Source = "ra",
     *,
     batch_size: int | None = 16,
     progress: bool | None = None,
@@ -140,20 +139,20 @@ def average_maps(
             all of one token length (see :func:`tl_reversed.experiments.tasks.same_length_groups`).
         source: ``"ra"`` or ``"fa"`` (forward attention).
         batch_size: prompts per forward/backward pass.
-        progress: show a progress bar (default: when there is more than one batch).
+        progress: show a progress bar over the batches (``None``: when there is more than
+            one; see :mod:`tl_reversed.core.options`).
         extra_hooks: forward hooks kept on during the pass (e.g. a current attention patch).
     """
     from tl_reversed.core.reversed_attention import reversed_attention
 
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    check_option("source", source, SOURCES)
     batch = prompt_batch(model, train_examples)
     length = _single_length(batch, "average_maps: the training prompts")
     spec = describe(model)
     total = torch.zeros(spec.n_layers, spec.n_heads, length, length)
     loss = 0.0
     parts = batch.chunks(batch_size)
-    show = len(parts) > 1 if progress is None else progress
+    show = show_progress(progress, len(parts))
     for index in tqdm(parts, desc=f"mean {source.upper()} maps", disable=not show, leave=False):
         sub = batch.rows(index)
         result = reversed_attention(
@@ -212,7 +211,7 @@ def attention_patch_hooks(
     maps: object,
     lr: float,
     *,
-    at: str = "z",
+    at: PatchPoint = "z",
 ) -> list[Hook]:
     """The attention patch ``pattern += lr * maps`` as ``(hook_name, fn)`` forward hooks.
 
@@ -228,8 +227,7 @@ def attention_patch_hooks(
             ``"pattern"``: add ``lr * maps`` at ``hook_pattern`` (only where the bridge
             computes attention itself).
     """
-    if at not in PATCH_POINTS:
-        raise ValueError(f"at must be one of {PATCH_POINTS}, got {at!r}")
+    check_option("at", at, PATCH_POINTS)
     spec = describe(model)
     tensor = _as_tensor(maps)
     _check_maps(tensor, spec)
@@ -280,7 +278,7 @@ def _add_at_z(delta: Float[Tensor, "head query_pos key_pos"], stash: dict[str, T
 
 
 @contextmanager
-def attention_patch(model: torch.nn.Module, maps: object, lr: float, *, at: str = "z") -> Iterator[torch.nn.Module]:
+def attention_patch(model: torch.nn.Module, maps: object, lr: float, *, at: PatchPoint = "z") -> Iterator[torch.nn.Module]:
     """Context manager: inside it, every head's attention is ``pattern + lr * maps``.
 
     >>> maps = average_maps(model, train_group)            # doctest: +SKIP
@@ -370,7 +368,7 @@ def evaluate_patching(
     model: torch.nn.Module,
     train: object,
     test: object,
-    source: str = "ra",
+    source: Source = "ra",
     lrs: Sequence[float] = PAPER_LRS,
     *,
     maps: AttentionMaps | None = None,
@@ -387,8 +385,10 @@ def evaluate_patching(
         lrs: learning rates to try (default: the paper's sweep, :data:`PAPER_LRS`).
         maps: precomputed :func:`average_maps` of ``train`` (skips recomputing them).
         batch_size: prompts per forward pass.
-        progress: show a progress bar over the sweep (default on).
+        progress: show a progress bar over the sweep (``None``: when there is more than one
+            lr; see :mod:`tl_reversed.core.options`).
     """
+    check_option("source", source, SOURCES)
     start = time.perf_counter()
     if maps is None:
         maps = average_maps(model, train, source, batch_size=batch_size, progress=progress)
@@ -399,7 +399,7 @@ def evaluate_patching(
     with untouched(model):
         original = accuracy(model, batch, batch_size=batch_size)
         results = []
-        for lr in tqdm(values, desc=f"{source.upper()} lr sweep", disable=progress is False, leave=False):
+        for lr in tqdm(values, desc=f"{source.upper()} lr sweep", disable=not show_progress(progress, len(values)), leave=False):
             hooks = attention_patch_hooks(model, maps, lr) if lr != 0 else []
             results.append(original if lr == 0 else accuracy(model, batch, hooks, batch_size=batch_size))
     return PatchingSweep(
@@ -484,7 +484,8 @@ def iterative_patching(
     Step 1 is exactly one-shot patching (``evaluate_patching(..., lrs=[lr])``). Each
     later step computes the training prompts' RA with the accumulated patch applied
     (at ``hook_z``, so RA stays the exact gradient of the patched model) and adds
-    ``lr * RA`` to it. Test accuracy is measured after every step.
+    ``lr * RA`` to it. Test accuracy is measured after every step. ``progress``: a bar
+    over the steps (``None``: when there is more than one; see :mod:`tl_reversed.core.options`).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -496,7 +497,7 @@ def iterative_patching(
     accuracies, losses = [], []
     with untouched(model):
         accuracies.append(accuracy(model, batch, batch_size=batch_size))
-    for _ in tqdm(range(steps), desc=f"iterative RA, lr {lr:g}", disable=progress is False, leave=False):
+    for _ in tqdm(range(steps), desc=f"iterative RA, lr {lr:g}", disable=not show_progress(progress, steps), leave=False):
         current = attention_patch_hooks(model, patch, 1.0) if bool(patch.any()) else []
         maps = average_maps(model, train, "ra", batch_size=batch_size, progress=False, extra_hooks=current)
         losses.append(maps.loss)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from tl_reversed.core.architecture import describe, last_position_hook
 from tl_reversed.core.engine import model_device
 from tl_reversed.core.inputs import tokenize
+from tl_reversed.core.options import show_progress
 
 Hook = tuple[str, Callable]
 """A forward hook as TransformerLens takes it: ``(hook_name, fn(activation, hook))``."""
@@ -124,12 +125,14 @@ def last_logits(
     hooks: Sequence[Hook] = (),
     *,
     batch_size: int | None = 16,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> Float[Tensor, "batch d_vocab"]:
     """Logits at each prompt's last token with ``hooks`` on, in float32 on the CPU.
 
     Runs under ``torch.no_grad``; the caller keeps the model untouched
-    (:func:`tl_reversed.core.state.untouched`).
+    (:func:`tl_reversed.core.state.untouched`). ``progress``: a bar over the batches
+    (``None``: when there is more than one, see :mod:`tl_reversed.core.options`; off by
+    default, as this runs inside the experiments' own loops).
     """
     device = model_device(model)
     out: Tensor | None = None
@@ -137,7 +140,8 @@ def last_logits(
     # unless a caller's hook reads the unembedding's input or output
     only_last = last_position_hook(model, batch.last, beside=hooks)
     with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, *([only_last] if only_last else [])]):  # type: ignore[operator]
-        for index in tqdm(batch.chunks(batch_size), desc="forward", disable=not progress, leave=False):
+        parts = batch.chunks(batch_size)
+        for index in tqdm(parts, desc="forward", disable=not show_progress(progress, len(parts)), leave=False):
             sub = batch.rows(index)
             if only_last:
                 only_last[1].cols = sub.last

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe
+from tl_reversed.core.options import show_progress
 from tl_reversed.experiments.evaluation import Hook, PromptBatch, correct, last_logits, prompt_batch
 from tl_reversed.core.results import Result
 from tl_reversed.core.state import untouched
@@ -193,7 +194,8 @@ def perturbation_test(
             heads are kept at each step.
         reverse: use the ranking least-important first.
         batch_size: examples per forward pass (``None``: all at once).
-        progress: show a progress bar over the steps (default on).
+        progress: show a progress bar over the steps (``None``: when there is more than
+            one; see :mod:`tl_reversed.core.options`).
         cache: a dict shared by several calls with the same model and examples: forwards
             with an identical head mask (e.g. keep-none and keep-all, common to every
             ranking) are then run once.
@@ -210,7 +212,7 @@ def perturbation_test(
     key_base = (tuple(batch.prompts), tuple(batch.targets))
     n_kept, accuracy = [], []
     with untouched(model):
-        steps = tqdm(values, desc=f"perturbation {method}{' reversed' if reverse else ''}", disable=progress is False, leave=False)
+        steps = tqdm(values, desc=f"perturbation {method}{' reversed' if reverse else ''}", disable=not show_progress(progress, len(values)), leave=False)
         for fraction in steps:
             k = int(round(fraction * total))
             mask = head_mask(order[:k], spec)

@@ -52,15 +52,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe
+from tl_reversed.core.options import METHODS, POSITIONS, Method, Position, check_option, show_progress
 from tl_reversed.core.engine import forward_backward, model_device
 from tl_reversed.experiments.evaluation import PromptBatch, as_prompts_targets, last_logits, prompt_batch, target_probs
 from tl_reversed.core.results import Result
 from tl_reversed.core.state import untouched
 
-METHODS = ("ra", "fa", "cm1", "cm2", "atp", "random", "index")
-"""The ranking methods :func:`head_scores` knows."""
-
-POSITIONS = ("last", "all")
 
 
 @dataclass
@@ -133,12 +130,12 @@ class HeadScores(Result):
 def head_scores(
     model: torch.nn.Module,
     examples: object,
-    method: str,
+    method: Method,
     *,
     corrupted: object | None = None,
     seed: int = 0,
     batch_size: int | None = 32,
-    position: str = "last",
+    position: Position = "last",
     progress: bool | None = None,
 ) -> HeadScores:
     """Score every head for a task by one of :data:`METHODS`.
@@ -155,15 +152,15 @@ def head_scores(
         seed: seed of ``"random"`` and of the default label shuffle.
         batch_size: examples per forward pass (``None``: all at once).
         position: ``"atp"`` only: ``"last"`` prompt token or ``"all"`` positions.
-        progress: show progress bars (default: for the slow methods).
+        progress: show a progress bar over the batches (``None``: when there is more than
+            one; see :mod:`tl_reversed.core.options`).
 
     Returns:
         A :class:`HeadScores`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown ranking method {method!r}; choose one of {', '.join(METHODS)}")
-    if position not in POSITIONS:
-        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    check_option("position", position, POSITIONS)
     spec = describe(model)
     start = time.perf_counter()
     if method == "random":
@@ -173,20 +170,19 @@ def head_scores(
         index = torch.arange(spec.n_layers * spec.n_heads, dtype=torch.float32)
         result = HeadScores(-index.reshape(spec.n_layers, spec.n_heads), method)
     else:
-        show = method in ("cm1", "cm2") if progress is None else progress
         with untouched(model):
             if method in ("ra", "fa"):
-                result = _attention_norms(model, examples, method, batch_size, show)
+                result = _attention_norms(model, examples, method, batch_size, progress)
             elif method == "cm1":
-                result = _cm1(model, spec, prompt_batch(model, examples), batch_size)
+                result = _cm1(model, spec, prompt_batch(model, examples), batch_size, progress)
             else:
                 clean = prompt_batch(model, examples)
                 bad = prompt_batch(model, corrupted if corrupted is not None else shuffled_labels(examples, seed))
                 _check_aligned(clean, bad)
                 if method == "cm2":
-                    result = _cm2(model, spec, clean, bad, batch_size)
+                    result = _cm2(model, spec, clean, bad, batch_size, progress)
                 else:
-                    result = _atp(model, spec, clean, bad, batch_size, position, show)
+                    result = _atp(model, spec, clean, bad, batch_size, position, progress)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -196,7 +192,7 @@ def head_scores(
 # --------------------------------------------------------------------------
 
 
-def _attention_norms(model, examples, method: str, batch_size, progress: bool) -> HeadScores:
+def _attention_norms(model, examples, method: str, batch_size, progress: bool | None) -> HeadScores:
     from tl_reversed.core.reversed_attention import reversed_attention
 
     prompts, targets = as_prompts_targets(examples)
@@ -253,14 +249,15 @@ def _sweep_heads(model, tokens: Tensor, cache: dict, metric, setter) -> tuple[Te
     return summed.float().cpu()[..., None], baseline.float().cpu()[None]
 
 
-def _cm1(model, spec: ModelSpec, batch: PromptBatch, batch_size) -> HeadScores:
+def _cm1(model, spec: ModelSpec, batch: PromptBatch, batch_size, progress: bool | None) -> HeadScores:
     from transformer_lens.patching import layer_head_vector_patch_setter
 
     zeros = torch.zeros(1, 1, spec.n_heads, 1, device=model_device(model))
     cache = {attn_hook(layer, "z"): zeros for layer in range(spec.n_layers)}
     drop = torch.zeros(spec.n_layers, spec.n_heads)
     base = 0.0
-    for index in batch.chunks(batch_size):
+    parts = batch.chunks(batch_size)
+    for index in tqdm(parts, desc="CM1", disable=not show_progress(progress, len(parts)), leave=False):
         sub = batch.rows(index)
         values, baseline = _sweep_heads(
             model, sub.tokens.to(model_device(model)), cache, _p_target_metric(sub), layer_head_vector_patch_setter
@@ -289,13 +286,14 @@ def _sum_at_last(total: Tensor, layer: int, last: Tensor):
     return hook
 
 
-def _cm2(model, spec: ModelSpec, clean: PromptBatch, corrupted: PromptBatch, batch_size) -> HeadScores:
+def _cm2(model, spec: ModelSpec, clean: PromptBatch, corrupted: PromptBatch, batch_size, progress: bool | None) -> HeadScores:
     device = model_device(model)
     mean_z = _mean_z_at_last(model, spec, clean, batch_size)
     cache = {attn_hook(layer, "z"): mean_z[layer].to(device) for layer in range(spec.n_layers)}
     rise = torch.zeros(spec.n_layers, spec.n_heads)
     base = 0.0
-    for index in corrupted.chunks(batch_size):
+    parts = corrupted.chunks(batch_size)
+    for index in tqdm(parts, desc="CM2", disable=not show_progress(progress, len(parts)), leave=False):
         sub = corrupted.rows(index)
         rows, last = torch.arange(len(sub), device=device), sub.last.to(device)
 
@@ -316,7 +314,7 @@ def _cm2(model, spec: ModelSpec, clean: PromptBatch, corrupted: PromptBatch, bat
 # --------------------------------------------------------------------------
 
 
-def _atp(model, spec, clean: PromptBatch, corrupted: PromptBatch, batch_size, position: str, progress: bool) -> HeadScores:
+def _atp(model, spec, clean: PromptBatch, corrupted: PromptBatch, batch_size, position: str, progress: bool | None) -> HeadScores:
     if position == "all" and not torch.equal(clean.lengths, corrupted.lengths):
         i = int((clean.lengths != corrupted.lengths).nonzero()[0])
         raise ValueError(
@@ -325,7 +323,8 @@ def _atp(model, spec, clean: PromptBatch, corrupted: PromptBatch, batch_size, po
         )
     effect = torch.zeros(spec.n_layers, spec.n_heads)
     base = 0.0
-    for index in tqdm(corrupted.chunks(batch_size), desc="attribution patching", disable=not progress, leave=False):
+    parts = corrupted.chunks(batch_size)
+    for index in tqdm(parts, desc="attribution patching", disable=not show_progress(progress, len(parts)), leave=False):
         sub_bad, sub_clean = corrupted.rows(index), clean.rows(index)
         z_clean: dict[int, Tensor] = {}
         hooks = [(attn_hook(layer, "z"), _keep(z_clean, layer)) for layer in range(spec.n_layers)]

@@ -35,9 +35,11 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, overload
+from typing import Any, overload
 
 import pandas as pd
+
+from tl_reversed.core.options import SPLITS, Split, TaskKind, check_option
 
 __all__ = [
     "DATA_DIR",
@@ -63,8 +65,6 @@ TEST_FRACTION = 1 / 3
 """Share of each task's distinct pairs held out as test data (as in the paper)."""
 
 Pair = tuple[str, str]
-TaskKind = Literal["icl", "relation"]
-Split = Literal["test", "train", "all"]
 
 
 # --------------------------------------------------------------------------
@@ -418,9 +418,7 @@ def _shuffle_outputs(rng: random.Random, demos: list[Pair]) -> list[Pair]:
 def _queries(train: tuple[Pair, ...], test: tuple[Pair, ...], split: str) -> tuple[Pair, ...]:
     """The query pairs for a split name."""
     by_split = {"test": test, "train": train, "all": test + train}
-    if split not in by_split:
-        raise ValueError(f"split must be one of {list(by_split)}, got {split!r}.")
-    return by_split[split]
+    return by_split[check_option("split", split, SPLITS)]
 
 
 def _single_token_filter(model: Any, examples: list[Example]) -> tuple[list[Example], int]:

@@ -59,18 +59,27 @@ import torch
 from tl_reversed.core.architecture import LENS_SITES, WEIGHT_MATRICES, block_hook, describe, weight_io
 from tl_reversed.core.engine import Metric, run
 from tl_reversed.core.inputs import PromptsLike, TargetsLike, tokenize
-from tl_reversed.core.reversed_attention import KEEP, RASink, accumulation_dtype, check_layers, str_tokens
+from tl_reversed.core.options import (
+    KEEP,
+    LENS_KEEP,
+    PROJECTIONS,
+    Keep,
+    LensKeep,
+    Matrix,
+    Projection,
+    Site,
+    check_option,
+)
+from tl_reversed.core.reversed_attention import RASink, accumulation_dtype, check_layers, str_tokens
 from tl_reversed.lens.projection import Projector
 from tl_reversed.lens.results import BackwardLens, GradientRank, LensAndRA, TopTokens
 from tl_reversed.lens.sinks import Collector, LensSink, WeightSink
 
-DEFAULT_SITES = ("mlp_out", "attn_out")
-PROJECTIONS = ("weight", "jacobian")
-LENS_KEEP = ("vectors", "tokens")
+DEFAULT_SITES: tuple[Site, ...] = ("mlp_out", "attn_out")
 _VIEWS = ("plot_lens", "render_html")  # in tl_reversed.views.lens; see __getattr__
 
 
-def _check_sites(sites: str | Sequence[str], model: object, layers: list[int]) -> list[str]:
+def _check_sites(sites: Site | Sequence[Site], model: object, layers: list[int]) -> list[str]:
     chosen = [sites] if isinstance(sites, str) else list(sites)
     if not chosen:
         raise ValueError(f"sites is empty: choose some of {LENS_SITES}")
@@ -99,22 +108,20 @@ def _run(
     layers: Sequence[int] | int | None,
     heads: bool,
     top_k: int,
-    projection: str,
-    keep: str,
+    projection: Projection,
+    keep: LensKeep,
     batch_size: int | None,
     progress: bool | None,
     extra_hooks: Sequence,
-    ra_keep: str | None,
+    ra_keep: Keep | None,
 ) -> LensAndRA | BackwardLens:
     spec = describe(model)
     chosen = check_layers(layers, spec)
     site_list = _check_sites(sites, model, chosen)
-    if projection not in PROJECTIONS:
-        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
-    if keep not in LENS_KEEP:
-        raise ValueError(f"keep must be one of {LENS_KEEP}, got {keep!r}")
-    if ra_keep is not None and ra_keep not in KEEP:
-        raise ValueError(f"ra_keep must be one of {KEEP}, got {ra_keep!r}")
+    check_option("projection", projection, PROJECTIONS)
+    check_option("keep", keep, LENS_KEEP)
+    if ra_keep is not None:
+        check_option("ra_keep", ra_keep, KEEP)
     if not isinstance(heads, bool):
         raise TypeError(f"heads must be True or False, got {heads!r}")
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
@@ -166,13 +173,13 @@ def backward_lens(
     prompts: PromptsLike,
     targets: TargetsLike = None,
     *,
-    sites: str | Sequence[str] = DEFAULT_SITES,
+    sites: Site | Sequence[Site] = DEFAULT_SITES,
     metric: Metric | None = None,
     layers: Sequence[int] | int | None = None,
     heads: bool = True,
     top_k: int = 10,
-    projection: str = "weight",
-    keep: str = "vectors",
+    projection: Projection = "weight",
+    keep: LensKeep = "vectors",
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
@@ -194,7 +201,8 @@ def backward_lens(
             final norm's exact linearisation at each position); see the module docstring.
         keep: ``"vectors"`` keeps the VJPs themselves; ``"tokens"`` only norms and tokens.
         batch_size: examples per forward/backward pass (``None``: all at once).
-        progress: show a progress bar (default: when there is more than one batch).
+        progress: show a progress bar over the batches (``None``: when there is more than
+            one; see :mod:`tl_reversed.core.options`).
         extra_hooks: forward hooks that stay on during the pass, e.g. an attention patch.
 
     Returns:
@@ -211,14 +219,14 @@ def backward_lens_and_ra(
     prompts: PromptsLike,
     targets: TargetsLike = None,
     *,
-    sites: str | Sequence[str] = DEFAULT_SITES,
+    sites: Site | Sequence[Site] = DEFAULT_SITES,
     metric: Metric | None = None,
     layers: Sequence[int] | int | None = None,
     heads: bool = True,
     top_k: int = 10,
-    projection: str = "weight",
-    keep: str = "vectors",
-    ra_keep: str = "maps",
+    projection: Projection = "weight",
+    keep: LensKeep = "vectors",
+    ra_keep: Keep = "maps",
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
@@ -239,7 +247,7 @@ def gradient_rank(
     prompts: PromptsLike,
     targets: TargetsLike = None,
     layer: int = 0,
-    matrix: str = "W_in",
+    matrix: Matrix = "W_in",
     *,
     metric: Metric | None = None,
     rtol: float | None = None,

@@ -18,6 +18,7 @@ import pandas as pd
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_reversed.core.options import DIRECTIONS, Direction, check_option
 from tl_reversed.core.results import Result
 from tl_reversed.core.reversed_attention import ReversedAttention
 
@@ -145,7 +146,7 @@ class BackwardLens(Result):
         position: int = -1,
         example: int = 0,
         *,
-        direction: str = "toward",
+        direction: Direction = "toward",
         k: int | None = None,
     ) -> list[tuple[str, float]]:
         """The tokens one site's VJP pushes ``"toward"`` (``-VJP``) or ``"away"`` (``+VJP``).
@@ -165,24 +166,23 @@ class BackwardLens(Result):
         position: int = -1,
         example: int = 0,
         *,
-        direction: str = "toward",
+        direction: Direction = "toward",
         k: int | None = None,
     ) -> list[tuple[str, float]]:
         """The tokens one head's output is pushed toward / away from (``dz_h @ W_O[h]``)."""
         if self.head_top is None or self.head_norms is None:
             raise ValueError("this result has no heads: call backward_lens(..., heads=True)")
-        if not 0 <= head < self.head_norms.shape[2]:
-            raise ValueError(f"head {head} out of range: the model has {self.head_norms.shape[2]} heads")
+        n_heads = self.head_norms.shape[2]
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n_heads:
+            raise ValueError(f"head {head!r} out of range: the model has {n_heads} heads (0..{n_heads - 1})")
         i = self.example_index(example)
         index = (i, self._layer(layer), head, self._position(position, i))
         return self._pick(self.head_top, index, direction, k)
 
-    def _pick(self, top: TopTokens, index: tuple, direction: str, k: int | None) -> list[tuple[str, float]]:
-        if direction == "toward":
+    def _pick(self, top: TopTokens, index: tuple, direction: Direction, k: int | None) -> list[tuple[str, float]]:
+        if check_option("direction", direction, DIRECTIONS) == "toward":
             return self._strings(top.toward_ids[index], top.toward_values[index], k)
-        if direction == "away":
-            return self._strings(top.away_ids[index], top.away_values[index], k)
-        raise ValueError(f"direction must be 'toward' or 'away', got {direction!r}")
+        return self._strings(top.away_ids[index], top.away_values[index], k)
 
     def target_ranks(self, site: str = "mlp_out", position: int = -1, example: int = 0) -> dict[int, int]:
         """Rank (1 = first) of the first target token among the pushed-toward tokens, per layer."""
