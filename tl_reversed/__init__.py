@@ -22,6 +22,7 @@ homes in the layers.
 import tl_reversed.backward_lens  # noqa: F401
 import tl_reversed.reversed_attention  # noqa: F401
 from tl_reversed.core.cache import cache_with_grads, ra_from_cache
+from tl_reversed.core.memory import WouldRunOutOfMemory
 from tl_reversed.core.models import load_model
 from tl_reversed.core.reversed_attention import ReversedAttention, ra_from_parts, reversed_attention
 from tl_reversed.lens.backward_lens import BackwardLens, backward_lens, backward_lens_and_ra, gradient_rank
@@ -34,6 +35,7 @@ __all__ = [
     "backward_lens_and_ra",
     "gradient_rank",
     "ReversedAttention",
+    "WouldRunOutOfMemory",
     "cache_with_grads",
     "load_model",
     "ra_from_cache",

@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_reversed.core.architecture import EMBED, positions_hook
+from tl_reversed.core.checks import optional_batch_size
 from tl_reversed.core.inputs import Batch, target_loss, target_positions
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], Float[Tensor, " batch"]]
@@ -90,9 +91,7 @@ def forward_backward(
 
 def chunks(batch: Batch, batch_size: int | None, *, same_length: bool) -> list[list[int]]:
     """Split example indices into mini-batches (of equal length rows when asked)."""
-    size = len(batch) if batch_size is None else batch_size
-    if size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    size = optional_batch_size(batch_size) or len(batch)
     if not same_length:
         order = list(range(len(batch)))
         return [order[i : i + size] for i in range(0, len(order), size)]

@@ -24,6 +24,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
+from tl_reversed.core import memory
+from tl_reversed.core.checks import check_layers  # noqa: F401 (also imported from here)
 from tl_reversed.core.engine import Metric, chunks, forward_backward
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.state import untouched
@@ -51,19 +53,6 @@ def ra_from_parts(
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other dtype (half, bfloat16, float32) accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_layers(layers: Sequence[int] | int | None, spec: ModelSpec) -> list[int]:
-    """The layer indices to use, validated against the model."""
-    if layers is None:
-        return list(range(spec.n_layers))
-    chosen = [layers] if isinstance(layers, int) else list(layers)
-    if not chosen:
-        raise ValueError("layers is empty: pass None for all layers or a list of layer indices")
-    bad = [layer for layer in chosen if not isinstance(layer, int) or not 0 <= layer < spec.n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {spec.n_layers} layers (0..{spec.n_layers - 1})")
-    return chosen
 
 
 @dataclass
@@ -274,6 +263,7 @@ def reversed_attention(
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
+    memory_check: bool = True,
 ) -> ReversedAttention:
     """Reversed Attention of every head for prompts and targets.
 
@@ -290,6 +280,9 @@ def reversed_attention(
         batch_size: examples per forward/backward pass (``None``: all at once).
         progress: show a progress bar (default: when there is more than one batch).
         extra_hooks: forward hooks that stay on during the pass, e.g. an attention patch.
+        memory_check: estimate the peak memory first (:mod:`tl_reversed.core.memory`) and raise
+            :class:`~tl_reversed.core.memory.WouldRunOutOfMemory` before any pass where it exceeds
+            the memory available; ``False`` skips the check (the estimate is within ~30%).
 
     Returns:
         A :class:`ReversedAttention` result.
@@ -303,6 +296,9 @@ def reversed_attention(
     loss = torch.zeros(len(batch), dtype=dtype)
     sinks: list[tuple[Tensor, _LayerSink]] = []
     parts = chunks(batch, batch_size, same_length=metric is not None)
+    if memory.enabled(memory_check):
+        memory.check_pass(model, batch, parts, what="reversed_attention", keep=keep, kept_layers=len(chosen),
+                          full_logits=metric is not None)  # fmt: skip
     show = len(parts) > 1 if progress is None else progress
     with untouched(model):
         for index in tqdm(parts, desc="reversed attention", disable=not show, leave=False):

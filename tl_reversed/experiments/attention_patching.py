@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
+from tl_reversed.core.checks import finite_float, finite_floats, optional_batch_size, positive_int
 from tl_reversed.experiments.evaluation import Hook, PromptBatch, accuracy, last_logits, prompt_batch
 from tl_reversed.core.state import untouched
 
@@ -232,7 +233,7 @@ def attention_patch_hooks(
     spec = describe(model)
     tensor = _as_tensor(maps)
     _check_maps(tensor, spec)
-    delta = (float(lr) * tensor.detach().float()).to(next(model.parameters()).device)
+    delta = (finite_float(lr, "lr") * tensor.detach().float()).to(next(model.parameters()).device)
     if at == "pattern":
         if not spec.pattern_editable:
             raise ValueError(
@@ -388,13 +389,14 @@ def evaluate_patching(
         batch_size: prompts per forward pass.
         progress: show a progress bar over the sweep (default on).
     """
+    values = finite_floats(lrs, "lrs")
+    optional_batch_size(batch_size)
     start = time.perf_counter()
     if maps is None:
         maps = average_maps(model, train, source, batch_size=batch_size, progress=progress)
     elif maps.source != source:
         raise ValueError(f"maps were made from {maps.source!r} but source={source!r}")
     batch = _test_batch(model, test, maps.length)
-    values = [float(lr) for lr in lrs]
     with untouched(model):
         original = accuracy(model, batch, batch_size=batch_size)
         results = []
@@ -485,8 +487,9 @@ def iterative_patching(
     (at ``hook_z``, so RA stays the exact gradient of the patched model) and adds
     ``lr * RA`` to it. Test accuracy is measured after every step.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    steps = positive_int(steps, "steps")
+    lr = finite_float(lr, "lr")
+    optional_batch_size(batch_size)
     start = time.perf_counter()
     spec = describe(model)
     length = _single_length(prompt_batch(model, train), "iterative_patching: the training prompts")

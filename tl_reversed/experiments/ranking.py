@@ -52,6 +52,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe
+from tl_reversed.core.checks import optional_batch_size
 from tl_reversed.core.engine import forward_backward, model_device
 from tl_reversed.experiments.evaluation import PromptBatch, as_prompts_targets, last_logits, prompt_batch, target_probs
 from tl_reversed.core.state import untouched
@@ -163,6 +164,7 @@ def head_scores(
         raise ValueError(f"unknown ranking method {method!r}; choose one of {', '.join(METHODS)}")
     if position not in POSITIONS:
         raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    batch_size = optional_batch_size(batch_size)
     spec = describe(model)
     start = time.perf_counter()
     if method == "random":

@@ -73,6 +73,8 @@ from tl_reversed.core.architecture import (
     unembed_weight,
     weight_io,
 )
+from tl_reversed.core import memory
+from tl_reversed.core.checks import as_int, check_layer, check_layers
 from tl_reversed.core.engine import Metric, chunks, forward_backward
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.reversed_attention import (
@@ -82,7 +84,6 @@ from tl_reversed.core.reversed_attention import (
     _str_tokens,
     accumulation_dtype,
     assemble,
-    check_layers,
 )
 from tl_reversed.core.state import untouched
 
@@ -419,6 +420,10 @@ class _Projector:
         target: Int[Tensor, " rows"] | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """Top tokens toward (of ``-v``) and away (of ``+v``), and the target's rank, per row."""
+        if v.shape[0] == 0:  # every VJP was zero (a metric times 0, a zeroed o_proj): nothing to read
+            ids = torch.empty(0, self.top_k, dtype=torch.long)
+            values = torch.empty(0, self.top_k, dtype=v.dtype)
+            return ids, values, ids, values, None if target is None else torch.empty(0, dtype=torch.long)
         outs: list[list[Tensor]] = [[], [], [], [], []]
         step = max(1, _ROWS_PER_CHUNK // self.w_u.shape[1])
         for a in range(0, v.shape[0], step):
@@ -489,7 +494,8 @@ def _check_sites(sites: str | Sequence[str], model: object, layers: list[int]) -
 
 
 def _check_top_k(top_k: int, d_vocab: int) -> int:
-    if not isinstance(top_k, int) or not 1 <= top_k <= d_vocab:
+    top_k = as_int(top_k, "top_k")
+    if not 1 <= top_k <= d_vocab:
         raise ValueError(f"top_k must be an integer from 1 to the vocabulary size {d_vocab}, got {top_k!r}")
     return top_k
 
@@ -655,6 +661,7 @@ def _run(
     progress: bool | None,
     extra_hooks: Sequence,
     ra_keep: str | None,
+    memory_check: bool = True,
 ) -> LensAndRA | BackwardLens:
     spec = describe(model)
     chosen = check_layers(layers, spec)
@@ -671,11 +678,16 @@ def _run(
     n, width = batch.tokens.shape
     dtype = accumulation_dtype(next(model.parameters()).dtype)
     parts = chunks(batch, batch_size, same_length=metric is not None)
+    if memory.enabled(memory_check):
+        memory.check_pass(model, batch, parts, what="the backward lens", keep=ra_keep or "norms",
+                          kept_layers=len(chosen), full_logits=metric is not None,
+                          extra=_lens_bytes(model, n, max(map(len, parts)), width, len(site_list), len(chosen),
+                                            spec.n_heads if heads else 0, keep))  # fmt: skip
     show = len(parts) > 1 if progress is None else progress
     loss = torch.zeros(n, dtype=dtype)
     with untouched(model):
         projector = _Projector(model, projection, top_k, dtype)
-        out = _Collector(n, width, site_list, chosen, spec.n_heads, heads, keep, top_k,
+        out = _Collector(n, width, site_list, chosen, spec.n_heads, heads, keep, projector.top_k,
                          projector.d_model, dtype, with_rank=metric is None)  # fmt: skip
         ra_sinks: list[tuple[Tensor, _LayerSink]] = []
         for index in tqdm(parts, desc="backward lens", disable=not show, leave=False):
@@ -713,6 +725,15 @@ def _run(
     return LensAndRA(lens, assemble(model, spec, chosen, batch, loss, ra_keep, ra_sinks))
 
 
+def _lens_bytes(model: object, n: int, chunk: int, width: int, sites: int, layers: int, heads: int, keep: str) -> int:
+    """Bytes the lens keeps besides the pass: one chunk's VJPs, the kept vectors, a projection block."""
+    d_model = int(model.cfg.d_model)  # type: ignore[attr-defined]
+    per_row = (sites + (1 if heads else 0)) * layers * width * d_model  # VJPs (hook_z's are head * d_head wide)
+    kept = n * (sites + heads) * layers * width * d_model if keep == "vectors" else 0
+    block = min(_ROWS_PER_CHUNK, chunk * width * max(heads, 1) * int(model.cfg.d_vocab))  # type: ignore[attr-defined]
+    return 4 * (chunk * per_row + kept + 3 * block)
+
+
 def _vocab(model: object, out: _Collector) -> dict[int, str]:
     """The strings of every token id the result refers to."""
     tops = [out.top] + ([out.head_top] if out.head_top is not None else [])
@@ -737,6 +758,7 @@ def backward_lens(
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
+    memory_check: bool = True,
 ) -> BackwardLens:
     """The backward lens: each site's VJP at every layer and position, read in the vocabulary.
 
@@ -757,13 +779,17 @@ def backward_lens(
         batch_size: examples per forward/backward pass (``None``: all at once).
         progress: show a progress bar (default: when there is more than one batch).
         extra_hooks: forward hooks that stay on during the pass, e.g. an attention patch.
+        memory_check: estimate the peak memory first and raise
+            :class:`~tl_reversed.core.memory.WouldRunOutOfMemory` before any pass where it exceeds the
+            memory available (see :mod:`tl_reversed.core.memory`); ``False`` skips the check.
 
     Returns:
         A :class:`BackwardLens`. The update direction is ``-VJP``: ``toward`` tokens are
         those ``-VJP`` promotes, ``away`` tokens those it demotes.
     """
     options = dict(sites=sites, metric=metric, layers=layers, heads=heads, top_k=top_k, projection=projection,
-                   keep=keep, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks)  # fmt: skip
+                   keep=keep, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks,
+                   memory_check=memory_check)  # fmt: skip
     return _run(model, prompts, targets, **options, ra_keep=None)  # type: ignore[return-value, arg-type]
 
 
@@ -783,6 +809,7 @@ def backward_lens_and_ra(
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
+    memory_check: bool = True,
 ) -> LensAndRA:
     """The backward lens and Reversed Attention from ONE forward and backward pass.
 
@@ -791,7 +818,8 @@ def backward_lens_and_ra(
     ``LensAndRA(lens, ra)``; both equal what the two separate calls give.
     """
     options = dict(sites=sites, metric=metric, layers=layers, heads=heads, top_k=top_k, projection=projection,
-                   keep=keep, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks)  # fmt: skip
+                   keep=keep, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks,
+                   memory_check=memory_check)  # fmt: skip
     return _run(model, prompts, targets, **options, ra_keep=ra_keep)  # type: ignore[return-value, arg-type]
 
 
@@ -821,10 +849,7 @@ def gradient_rank(
         rtol: relative tolerance of the rank (default ``torch.linalg.matrix_rank``'s).
     """
     spec = describe(model)
-    if not isinstance(layer, int) or not 0 <= layer < spec.n_layers:
-        raise ValueError(
-            f"layer {layer!r} out of range: the model has {spec.n_layers} layers (0..{spec.n_layers - 1})"
-        )
+    layer = check_layer(layer, spec)
     io = weight_io(model, layer, matrix)
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
     saved: dict[str, Tensor] = {}
