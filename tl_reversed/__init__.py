@@ -30,6 +30,7 @@ _PUBLIC = {
     "backward_lens_and_ra": "tl_reversed.lens.backward_lens",
     "gradient_rank": "tl_reversed.lens.backward_lens",
     "ReversedAttention": "tl_reversed.core.reversed_attention",
+    "WouldRunOutOfMemory": "tl_reversed.core.memory",
     "cache_with_grads": "tl_reversed.core.cache",
     "load_model": "tl_reversed.core.models",
     "ra_from_cache": "tl_reversed.core.cache",

@@ -17,7 +17,8 @@ from torch import Tensor
 from tl_reversed.core.architecture import EMBED, attn_hook, describe
 from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import PromptsLike, TargetsLike, tokenize
-from tl_reversed.core.reversed_attention import ReversedAttention, check_layers, ra_from_parts
+from tl_reversed.core.checks import check_layers
+from tl_reversed.core.reversed_attention import ReversedAttention, ra_from_parts
 
 
 def ra_from_cache(

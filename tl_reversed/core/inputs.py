@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_reversed.core.architecture import ModelSpec
+from tl_reversed.core.checks import optional_batch_size
 
 PromptsLike = str | Sequence[str] | Tensor
 TargetsLike = str | Sequence[str] | None
@@ -89,9 +90,7 @@ class Batch:
         never puts rows of different lengths in one chunk (a custom metric must not see
         padding). Results are scattered back into example order by the pass engine.
         """
-        size = len(self) if batch_size is None else batch_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"batch_size must be at least 1 (a positive integer, or None for one batch), got {batch_size!r}")
+        size = optional_batch_size(batch_size) or len(self)
         order = sorted(range(len(self)), key=lambda i: int(self.lengths[i]))
         if not same_length:
             return [order[i : i + size] for i in range(0, len(order), size)]
@@ -129,7 +128,16 @@ def tokenize(
     *,
     need_targets: bool,
 ) -> Batch:
-    """Validate and tokenize prompts and targets into a right-padded :class:`Batch`."""
+    """Validate and tokenize prompts and targets into a right-padded :class:`Batch`.
+
+    ``need_targets=False`` means a metric replaces the targets: ``targets`` must then be
+    None (targets given beside a metric would be silently ignored).
+    """
+    if not need_targets and targets is not None:
+        raise ValueError(
+            "give targets or a metric, not both: the metric replaces the target loss, so the targets would be "
+            "ignored; drop targets=... (or drop metric=... to use the target cross-entropy)"
+        )
     prompt_strings: list[str] | None = None
     if isinstance(prompts, Tensor):
         if prompts.dtype not in (torch.int64, torch.int32):
@@ -171,10 +179,10 @@ def tokenize(
 
     sequences = [torch.cat([p, t[:-1]]) for p, t in zip(prompt_tokens, target_tokens)]
     for i, (seq, t) in enumerate(zip(sequences, target_tokens)):
-        total = seq.numel() + (1 if t.numel() else 0)
-        if total > spec.n_ctx:
+        if seq.numel() > spec.n_ctx:  # the model reads prompt + target[:-1]: the last target token is never input
+            what = f" with its target minus its last token ({t.numel()} target tokens)" if target_strings else ""
             raise ValueError(
-                f"prompt {i} is {total} tokens with its target, longer than the model's context of "
+                f"prompt {i} is {seq.numel()} tokens{what}, longer than the model's context of "
                 f"{spec.n_ctx} tokens: shorten it"
             )
     lengths = torch.tensor([s.numel() for s in sequences])

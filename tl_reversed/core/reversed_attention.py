@@ -23,6 +23,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
+from tl_reversed.core import memory
+from tl_reversed.core.checks import check_layers  # noqa: F401 (also imported from here)
 from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.options import KEEP, Keep, check_option
@@ -49,19 +51,6 @@ def ra_from_parts(
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other dtype (half, bfloat16, float32) accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_layers(layers: Sequence[int] | int | None, spec: ModelSpec) -> list[int]:
-    """The layer indices to use, validated against the model."""
-    if layers is None:
-        return list(range(spec.n_layers))
-    chosen = [layers] if isinstance(layers, int) else list(layers)
-    if not chosen:
-        raise ValueError("layers is empty: pass None for all layers or a list of layer indices")
-    bad = [layer for layer in chosen if not isinstance(layer, int) or not 0 <= layer < spec.n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the model has {spec.n_layers} layers (0..{spec.n_layers - 1})")
-    return chosen
 
 
 @dataclass
@@ -307,6 +296,7 @@ def reversed_attention(
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
+    memory_check: bool = True,
 ) -> ReversedAttention:
     """Reversed Attention of every head for prompts and targets.
 
@@ -324,6 +314,9 @@ def reversed_attention(
         progress: show a progress bar over the batches (``None``: when there is more than
             one; see :mod:`tl_reversed.core.options`).
         extra_hooks: forward hooks that stay on during the pass, e.g. an attention patch.
+        memory_check: estimate the peak memory first (:mod:`tl_reversed.core.memory`) and raise
+            :class:`~tl_reversed.core.memory.WouldRunOutOfMemory` before any pass where it exceeds
+            the memory available; ``False`` skips the check (the estimate is within ~30%).
 
     Returns:
         A :class:`ReversedAttention` result.
@@ -332,6 +325,10 @@ def reversed_attention(
     chosen = check_layers(layers, spec)
     check_option("keep", keep, KEEP)
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
+    if memory.enabled(memory_check):
+        parts = batch.chunks(batch_size, same_length=metric is not None)
+        memory.check_pass(model, batch, parts, what="reversed_attention", keep=keep, kept_layers=len(chosen),
+                          full_logits=metric is not None)  # fmt: skip
     sink = RASink(model, spec, chosen, batch, keep)
     run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
         progress=progress, desc="reversed attention")  # fmt: skip

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
 from tl_reversed.core.options import PATCH_POINTS, SOURCES, PatchPoint, Source, check_option, show_progress
+from tl_reversed.core.checks import finite_float, finite_floats, optional_batch_size, positive_int
 from tl_reversed.experiments.evaluation import Hook, PromptBatch, accuracy, last_logits, prompt_batch
 from tl_reversed.core.results import Result
 from tl_reversed.core.state import untouched
@@ -231,7 +232,7 @@ def attention_patch_hooks(
     spec = describe(model)
     tensor = _as_tensor(maps)
     _check_maps(tensor, spec)
-    delta = (float(lr) * tensor.detach().float()).to(next(model.parameters()).device)
+    delta = (finite_float(lr, "lr") * tensor.detach().float()).to(next(model.parameters()).device)
     if at == "pattern":
         if not spec.pattern_editable:
             raise ValueError(
@@ -389,13 +390,14 @@ def evaluate_patching(
             lr; see :mod:`tl_reversed.core.options`).
     """
     check_option("source", source, SOURCES)
+    values = finite_floats(lrs, "lrs")
+    optional_batch_size(batch_size)
     start = time.perf_counter()
     if maps is None:
         maps = average_maps(model, train, source, batch_size=batch_size, progress=progress)
     elif maps.source != source:
         raise ValueError(f"maps were made from {maps.source!r} but source={source!r}")
     batch = _test_batch(model, test, maps.length)
-    values = [float(lr) for lr in lrs]
     with untouched(model):
         original = accuracy(model, batch, batch_size=batch_size)
         results = []
@@ -487,8 +489,9 @@ def iterative_patching(
     ``lr * RA`` to it. Test accuracy is measured after every step. ``progress``: a bar
     over the steps (``None``: when there is more than one; see :mod:`tl_reversed.core.options`).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    steps = positive_int(steps, "steps")
+    lr = finite_float(lr, "lr")
+    optional_batch_size(batch_size)
     start = time.perf_counter()
     spec = describe(model)
     length = _single_length(prompt_batch(model, train), "iterative_patching: the training prompts")

@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import describe, last_position_hook
+from tl_reversed.core.checks import optional_batch_size
 from tl_reversed.core.engine import model_device
 from tl_reversed.core.inputs import tokenize
 from tl_reversed.core.options import show_progress
@@ -91,9 +92,7 @@ class PromptBatch:
 
     def chunks(self, batch_size: int | None) -> list[list[int]]:
         """Row indices in mini-batches of similar length (sorted by length, stable)."""
-        size = len(self) if batch_size is None else int(batch_size)
-        if size < 1:
-            raise ValueError(f"batch_size must be at least 1 (or None for one batch), got {batch_size}")
+        size = optional_batch_size(batch_size) or len(self)
         order = sorted(range(len(self)), key=lambda i: int(self.last[i]))
         return [order[i : i + size] for i in range(0, len(order), size)]
 

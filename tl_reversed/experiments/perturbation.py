@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe
 from tl_reversed.core.options import show_progress
+from tl_reversed.core.checks import finite_scores, optional_batch_size
 from tl_reversed.experiments.evaluation import Hook, PromptBatch, correct, last_logits, prompt_batch
 from tl_reversed.core.results import Result
 from tl_reversed.core.state import untouched
@@ -114,6 +115,8 @@ class PerturbationResult(Result):
 
 def head_order(scores: object, spec: ModelSpec, reverse: bool) -> tuple[list[tuple[int, int]], str]:
     """The ranking as ``(layer, head)`` pairs, most important first, and its name."""
+    if isinstance(getattr(scores, "scores", None), Tensor):
+        finite_scores(scores.scores, f"the {getattr(scores, 'method', 'custom')} head scores")  # type: ignore[attr-defined]
     if hasattr(scores, "order"):
         order, method = scores.order(reverse=reverse), str(getattr(scores, "method", "custom"))  # type: ignore[attr-defined]
     elif isinstance(scores, Tensor):
@@ -123,6 +126,7 @@ def head_order(scores: object, spec: ModelSpec, reverse: bool) -> tuple[list[tup
             )
         from tl_reversed.experiments.ranking import HeadScores
 
+        finite_scores(scores, "scores")
         order, method = HeadScores(scores.detach().cpu(), "custom").order(reverse=reverse), "custom"
     else:
         order, method = [tuple(map(int, pair)) for pair in scores], "custom"  # type: ignore[attr-defined]
@@ -205,6 +209,7 @@ def perturbation_test(
     """
     spec = describe(model)
     values = _check_fractions(fractions)
+    optional_batch_size(batch_size)
     order, method = head_order(scores, spec, reverse)
     total = spec.n_layers * spec.n_heads
     start = time.perf_counter()

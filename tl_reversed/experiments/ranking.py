@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe
 from tl_reversed.core.options import METHODS, POSITIONS, Method, Position, check_option, show_progress
+from tl_reversed.core.checks import optional_batch_size
 from tl_reversed.core.engine import forward_backward, model_device
 from tl_reversed.experiments.evaluation import PromptBatch, as_prompts_targets, last_logits, prompt_batch, target_probs
 from tl_reversed.core.results import Result
@@ -161,6 +162,7 @@ def head_scores(
     if method not in METHODS:
         raise ValueError(f"unknown ranking method {method!r}; choose one of {', '.join(METHODS)}")
     check_option("position", position, POSITIONS)
+    batch_size = optional_batch_size(batch_size)
     spec = describe(model)
     start = time.perf_counter()
     if method == "random":

@@ -40,6 +40,7 @@ from typing import Any, overload
 import pandas as pd
 
 from tl_reversed.core.options import SPLITS, Split, TaskKind, check_option
+from tl_reversed.core.checks import nonnegative_int
 
 __all__ = [
     "DATA_DIR",
@@ -470,10 +471,8 @@ def make_examples(
     are a random sample, and a smaller ``n`` gives a prefix of a larger one.
     """
     task = _as_task(task)
-    if shots < 0:
-        raise ValueError(f"shots must be >= 0, got {shots}.")
-    if n is not None and n < 0:
-        raise ValueError(f"n must be None or >= 0, got {n}.")
+    shots = nonnegative_int(shots, "shots")
+    n = None if n is None else nonnegative_int(n, "n")
     build_prompt = _prompt_builder(task, template)
     train, test = train_test_split(task, seed)
     queries = _queries(train, test, split)

@@ -57,6 +57,8 @@ from collections.abc import Sequence
 import torch
 
 from tl_reversed.core.architecture import LENS_SITES, WEIGHT_MATRICES, block_hook, describe, weight_io
+from tl_reversed.core import memory
+from tl_reversed.core.checks import check_layer
 from tl_reversed.core.engine import Metric, run
 from tl_reversed.core.inputs import PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.options import (
@@ -70,8 +72,9 @@ from tl_reversed.core.options import (
     Site,
     check_option,
 )
-from tl_reversed.core.reversed_attention import RASink, accumulation_dtype, check_layers, str_tokens
-from tl_reversed.lens.projection import Projector
+from tl_reversed.core.checks import check_layer, check_layers
+from tl_reversed.core.reversed_attention import RASink, accumulation_dtype, str_tokens
+from tl_reversed.lens.projection import ROWS_PER_CHUNK, Projector
 from tl_reversed.lens.results import BackwardLens, GradientRank, LensAndRA, TopTokens
 from tl_reversed.lens.sinks import Collector, LensSink, WeightSink
 
@@ -114,6 +117,7 @@ def _run(
     progress: bool | None,
     extra_hooks: Sequence,
     ra_keep: Keep | None,
+    memory_check: bool = True,
 ) -> LensAndRA | BackwardLens:
     spec = describe(model)
     chosen = check_layers(layers, spec)
@@ -126,6 +130,13 @@ def _run(
         raise TypeError(f"heads must be True or False, got {heads!r}")
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
     dtype = accumulation_dtype(next(model.parameters()).dtype)
+    if memory.enabled(memory_check):
+        n, width = batch.tokens.shape
+        parts = batch.chunks(batch_size, same_length=metric is not None)
+        memory.check_pass(model, batch, parts, what="the backward lens", keep=ra_keep or "norms",
+                          kept_layers=len(chosen), full_logits=metric is not None,
+                          extra=_lens_bytes(model, n, max(map(len, parts)), width, len(site_list), len(chosen),
+                                            spec.n_heads if heads else 0, keep))  # fmt: skip
     projector = Projector(model, projection, top_k, dtype)
     lens_sink = LensSink(model, batch, site_list, chosen, spec.n_heads, heads, keep, projector, with_rank=metric is None)
     ra_sink = RASink(model, spec, chosen, batch, ra_keep) if ra_keep is not None else None
@@ -159,6 +170,15 @@ def _run(
     return LensAndRA(lens, ra_sink.finish())
 
 
+def _lens_bytes(model: object, n: int, chunk: int, width: int, sites: int, layers: int, heads: int, keep: str) -> int:
+    """Bytes the lens keeps besides the pass: one chunk's VJPs, the kept vectors, a projection block."""
+    d_model = int(model.cfg.d_model)  # type: ignore[attr-defined]
+    per_row = (sites + (1 if heads else 0)) * layers * width * d_model  # VJPs (hook_z's are head * d_head wide)
+    kept = n * (sites + heads) * layers * width * d_model if keep == "vectors" else 0
+    block = min(ROWS_PER_CHUNK, chunk * width * max(heads, 1) * int(model.cfg.d_vocab))  # type: ignore[attr-defined]
+    return 4 * (chunk * per_row + kept + 3 * block)
+
+
 def _vocab(model: object, out: Collector) -> dict[int, str]:
     """The strings of every token id the result refers to."""
     tops = [out.top] + ([out.head_top] if out.head_top is not None else [])
@@ -183,6 +203,7 @@ def backward_lens(
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
+    memory_check: bool = True,
 ) -> BackwardLens:
     """The backward lens: each site's VJP at every layer and position, read in the vocabulary.
 
@@ -204,13 +225,17 @@ def backward_lens(
         progress: show a progress bar over the batches (``None``: when there is more than
             one; see :mod:`tl_reversed.core.options`).
         extra_hooks: forward hooks that stay on during the pass, e.g. an attention patch.
+        memory_check: estimate the peak memory first and raise
+            :class:`~tl_reversed.core.memory.WouldRunOutOfMemory` before any pass where it exceeds the
+            memory available (see :mod:`tl_reversed.core.memory`); ``False`` skips the check.
 
     Returns:
         A :class:`BackwardLens`. The update direction is ``-VJP``: ``toward`` tokens are
         those ``-VJP`` promotes, ``away`` tokens those it demotes.
     """
     options = dict(sites=sites, metric=metric, layers=layers, heads=heads, top_k=top_k, projection=projection,
-                   keep=keep, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks)  # fmt: skip
+                   keep=keep, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks,
+                   memory_check=memory_check)  # fmt: skip
     return _run(model, prompts, targets, **options, ra_keep=None)  # type: ignore[return-value, arg-type]
 
 
@@ -230,6 +255,7 @@ def backward_lens_and_ra(
     batch_size: int | None = 16,
     progress: bool | None = None,
     extra_hooks: Sequence = (),
+    memory_check: bool = True,
 ) -> LensAndRA:
     """The backward lens and Reversed Attention from ONE forward and backward pass.
 
@@ -238,7 +264,8 @@ def backward_lens_and_ra(
     ``LensAndRA(lens, ra)``; both equal what the two separate calls give.
     """
     options = dict(sites=sites, metric=metric, layers=layers, heads=heads, top_k=top_k, projection=projection,
-                   keep=keep, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks)  # fmt: skip
+                   keep=keep, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks,
+                   memory_check=memory_check)  # fmt: skip
     return _run(model, prompts, targets, **options, ra_keep=ra_keep)  # type: ignore[return-value, arg-type]
 
 
@@ -268,10 +295,7 @@ def gradient_rank(
         rtol: relative tolerance of the rank (default ``torch.linalg.matrix_rank``'s).
     """
     spec = describe(model)
-    if not isinstance(layer, int) or not 0 <= layer < spec.n_layers:
-        raise ValueError(
-            f"layer {layer!r} out of range: the model has {spec.n_layers} layers (0..{spec.n_layers - 1})"
-        )
+    layer = check_layer(layer, spec)
     io = weight_io(model, layer, matrix)
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
     sink = WeightSink(io, matrix)

@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_reversed.core.checks import as_int
 from tl_reversed.core.architecture import NormAffine, final_norm, unembed_weight
 from tl_reversed.lens.results import TopTokens
 
@@ -19,7 +20,8 @@ ROWS_PER_CHUNK = 1 << 24  # vocabulary logits computed at once (floats), bounds 
 
 def check_top_k(top_k: int, d_vocab: int) -> int:
     """``top_k`` if it is an integer from 1 to ``d_vocab``; a ValueError saying so otherwise."""
-    if not isinstance(top_k, int) or not 1 <= top_k <= d_vocab:
+    top_k = as_int(top_k, "top_k")
+    if not 1 <= top_k <= d_vocab:
         raise ValueError(f"top_k must be an integer from 1 to the vocabulary size {d_vocab}, got {top_k!r}")
     return top_k
 
@@ -57,6 +59,10 @@ class Projector:
         target: Int[Tensor, " rows"] | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """Top tokens toward (of ``-v``) and away (of ``+v``), and the target's rank, per row."""
+        if v.shape[0] == 0:  # every VJP was zero (a metric times 0, a zeroed o_proj): nothing to read
+            ids = torch.empty(0, self.top_k, dtype=torch.long)
+            values = torch.empty(0, self.top_k, dtype=v.dtype)
+            return ids, values, ids, values, None if target is None else torch.empty(0, dtype=torch.long)
         outs: list[list[Tensor]] = [[], [], [], [], []]
         step = max(1, ROWS_PER_CHUNK // self.w_u.shape[1])
         for a in range(0, v.shape[0], step):
