@@ -260,3 +260,20 @@ def test_backward_lens_shows_itself_in_a_notebook(results):
     top = lens.top_tokens("mlp_out", lens.layers[-1], -1)[0][0]
     assert f">{html.escape(top)}</td>" in page
     assert "body {" not in page
+
+
+def test_load_result_in_a_fresh_process_imports_the_type_it_needs(tmp_path):
+    """The core layer imports no experiment: ``load_result`` imports the module the file names."""
+    import subprocess
+    import sys
+
+    scores = HeadScores(torch.arange(6.0).reshape(2, 3), "index", n_examples=0)
+    path = scores.save(tmp_path / "scores.safetensors")
+    code = (
+        "import sys\nfrom tl_reversed.core.results import load_result\n"
+        "assert 'tl_reversed.experiments.ranking' not in sys.modules\n"
+        f"r = load_result({str(path)!r})\n"
+        "print(type(r).__module__, type(r).__name__, r.scores.flatten().tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["tl_reversed.experiments.ranking", "HeadScores", "[0.0,", "1.0,", "2.0,", "3.0,", "4.0,", "5.0]"]

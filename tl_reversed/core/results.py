@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import importlib
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,7 +55,7 @@ class Result:
         Returns the path written. The write is atomic: the file is complete or absent.
         """
         tensors, fields = _flatten(self, "")
-        header = {"type": type(self).__name__, "format": FORMAT_VERSION, "fields": fields}
+        header = {"type": type(self).__name__, "module": type(self).__module__, "format": FORMAT_VERSION, "fields": fields}
         return write(path, tensors, {METADATA_KEY: json.dumps(header, allow_nan=True)})
 
     @classmethod
@@ -71,21 +72,18 @@ class Result:
 
 
 def load_result(path: str | os.PathLike) -> Result:
-    """Read any result :meth:`Result.save` wrote, whatever its type (its module must be imported)."""
+    """Read any result :meth:`Result.save` wrote, whatever its type (its module, recorded in the file, is imported)."""
     header, tensors = read(path)
     found = header.get("type")
-    if found not in _REGISTRY:
-        _import_result_modules()
+    module = header.get("module")
+    if found not in _REGISTRY and isinstance(module, str) and module.startswith("tl_reversed."):
+        try:
+            importlib.import_module(module)  # the result's own module registers its type
+        except ImportError:
+            pass
     if found not in _REGISTRY:
         raise ValueError(f"{path} holds a {found!r}, which this version of tl_reversed does not know: upgrade tl_reversed")
     return _build(_REGISTRY[found], header["fields"], tensors, "", path)
-
-
-def _import_result_modules() -> None:
-    import tl_reversed.experiments.attention_patching  # noqa: F401
-    import tl_reversed.experiments.perturbation  # noqa: F401
-    import tl_reversed.experiments.ranking  # noqa: F401
-    import tl_reversed.lens.backward_lens  # noqa: F401
 
 
 # --------------------------------------------------------------------------- the file

@@ -88,13 +88,13 @@ class AttentionMaps(Result):
 
     def plot(self, layer: int | None = None, head: int | None = None, ax=None):
         """The averaged map of one head (default: the largest), or its norms heatmap; a Figure."""
-        from tl_reversed.views.plotting import _figure_and_axes
+        from tl_reversed.views.plotting import figure_and_axes
 
         norms = self.norms()
         if layer is None or head is None:
             flat = int(norms.flatten().argmax())
             layer, head = flat // norms.shape[1], flat % norms.shape[1]
-        fig, ax = _figure_and_axes(ax, (4.5, 4))
+        fig, ax = figure_and_axes(ax, (4.5, 4))
         grid = self.maps[layer, head].float().numpy()
         bound = float(abs(grid).max()) or 1.0
         image = ax.imshow(grid, cmap="RdBu_r" if self.source == "ra" else "viridis", vmin=-bound if self.source == "ra" else 0, vmax=bound)
@@ -346,9 +346,9 @@ class PatchingSweep(Result):
 
     def plot(self, ax=None, **kwargs):
         """Accuracy against lr (symmetric-log axis); returns the matplotlib Figure."""
-        from tl_reversed.views.plotting import _figure_and_axes
+        from tl_reversed.views.plotting import figure_and_axes
 
-        fig, ax = _figure_and_axes(ax, (5, 3.5))
+        fig, ax = figure_and_axes(ax, (5, 3.5))
         ax.plot(self.lrs, self.accuracy, marker="o", label=f"{self.source.upper()} patch", **kwargs)
         ax.axhline(self.original, color="grey", linestyle=":", label="no patch")
         ax.set_xscale("symlog", linthresh=1.0)
@@ -460,9 +460,9 @@ class IterativePatching(Result):
 
     def plot(self, ax=None, **kwargs):
         """Test accuracy after each step; returns the matplotlib Figure."""
-        from tl_reversed.views.plotting import _figure_and_axes
+        from tl_reversed.views.plotting import figure_and_axes
 
-        fig, ax = _figure_and_axes(ax, (5, 3.5))
+        fig, ax = figure_and_axes(ax, (5, 3.5))
         ax.plot(self.steps, self.accuracy, marker="o", label=f"iterative RA, lr {self.lr:g}", **kwargs)
         ax.set_xlabel("step")
         ax.set_ylabel("top-1 accuracy")

@@ -101,9 +101,9 @@ class PerturbationResult(Result):
 
     def plot(self, ax=None, **kwargs):
         """Accuracy against the share of heads kept; returns the matplotlib Figure."""
-        from tl_reversed.views.plotting import _figure_and_axes
+        from tl_reversed.views.plotting import figure_and_axes
 
-        fig, ax = _figure_and_axes(ax, (5, 3.5))
+        fig, ax = figure_and_axes(ax, (5, 3.5))
         kwargs.setdefault("linestyle", "--" if self.reverse else "-")
         ax.plot(self.fractions, self.accuracy, marker="o", label=f"{self.label}: AUC {self.auc:.3f}", **kwargs)
         ax.set_xlabel("share of heads kept")

@@ -116,9 +116,9 @@ class HeadScores(Result):
 
     def plot(self, ax=None, cmap: str = "viridis", title: str | None = None):
         """Layer x head heatmap of the scores; returns the matplotlib Figure."""
-        from tl_reversed.views.plotting import _figure_and_axes
+        from tl_reversed.views.plotting import figure_and_axes
 
-        fig, ax = _figure_and_axes(ax, (1.2 + 0.45 * self.n_heads, 1.0 + 0.22 * self.n_layers))
+        fig, ax = figure_and_axes(ax, (1.2 + 0.45 * self.n_heads, 1.0 + 0.22 * self.n_layers))
         image = ax.imshow(self.scores.float().numpy(), aspect="auto", cmap=cmap, origin="lower")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")

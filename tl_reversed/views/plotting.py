@@ -354,7 +354,6 @@ def figure_and_axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure,
     return fig, fig.subplots()
 
 
-_figure_and_axes = figure_and_axes  # the old name, still imported by tl_reversed.experiments; use figure_and_axes
 
 
 def plot_perturbation(
@@ -406,7 +405,7 @@ def plot_singular_values(result, ax: Axes | None = None) -> Figure:
     A dotted line marks the numerical rank, a dashed one the lemma's bound
     ``min(n_positions, d_in, d_out)``: the values fall to round-off past the rank.
     """
-    fig, ax = _figure_and_axes(ax, (5.0, 3.5))
+    fig, ax = figure_and_axes(ax, (5.0, 3.5))
     values = result.singular_values.double().numpy()
     ax.semilogy(np.arange(1, len(values) + 1), np.clip(values, np.finfo(float).tiny, None), marker=".", label="singular values")
     ax.axvline(result.rank, color="C1", linestyle=":", label=f"numerical rank {result.rank}")
