@@ -38,7 +38,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
-from tl_reversed.experiments.evaluation import Hook, PromptBatch, accuracy, last_logits, prompt_batch
+from tl_reversed.core.engine import Hook
+from tl_reversed.core.inputs import Batch
+from tl_reversed.experiments.evaluation import accuracy, last_logits, prompt_batch
 from tl_reversed.core.state import untouched
 
 PAPER_LRS = (3, 2, 1, 0.5, 0, -0.1, -0.5, -1, -2, -4, -6, -8, -10, -15, -20, -25, -30, -35, -40, -60, -80, -100, -120)
@@ -104,12 +106,12 @@ class AttentionMaps:
         return fig
 
 
-def _length_counts(batch: PromptBatch) -> str:
+def _length_counts(batch: Batch) -> str:
     counts = Counter(batch.lengths.tolist())
     return ", ".join(f"{n} prompts of {length}" for length, n in sorted(counts.items()))
 
 
-def _single_length(batch: PromptBatch, what: str) -> int:
+def _single_length(batch: Batch, what: str) -> int:
     length = batch.single_length()
     if length is None:
         raise ValueError(f"{what} need one token length, got {_length_counts(batch)}: {_GROUP_HINT}")
@@ -295,7 +297,7 @@ def attention_patch(model: torch.nn.Module, maps: object, lr: float, *, at: str 
 # --------------------------------------------------------------------------
 
 
-def _test_batch(model, test: object, length: int) -> PromptBatch:
+def _test_batch(model, test: object, length: int) -> Batch:
     batch = prompt_batch(model, test)
     bad = (batch.lengths != length).nonzero().flatten().tolist()
     if bad:

@@ -53,7 +53,8 @@ from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe
 from tl_reversed.core.engine import forward_backward, model_device
-from tl_reversed.experiments.evaluation import PromptBatch, as_prompts_targets, last_logits, prompt_batch, target_probs
+from tl_reversed.core.inputs import Batch
+from tl_reversed.experiments.evaluation import as_prompts_targets, last_logits, prompt_batch, target_probs
 from tl_reversed.core.state import untouched
 
 METHODS = ("ra", "fa", "cm1", "cm2", "atp", "random", "index")
@@ -209,7 +210,7 @@ def _attention_norms(model, examples, method: str, batch_size, progress: bool) -
 # --------------------------------------------------------------------------
 
 
-def _p_target_metric(sub: PromptBatch):
+def _p_target_metric(sub: Batch):
     """``logits -> p(first target token)`` at each row's last prompt token, for one sub-batch."""
 
     def metric(logits: Tensor) -> Tensor:
@@ -252,7 +253,7 @@ def _sweep_heads(model, tokens: Tensor, cache: dict, metric, setter) -> tuple[Te
     return summed.float().cpu()[..., None], baseline.float().cpu()[None]
 
 
-def _cm1(model, spec: ModelSpec, batch: PromptBatch, batch_size) -> HeadScores:
+def _cm1(model, spec: ModelSpec, batch: Batch, batch_size) -> HeadScores:
     from transformer_lens.patching import layer_head_vector_patch_setter
 
     zeros = torch.zeros(1, 1, spec.n_heads, 1, device=model_device(model))
@@ -270,7 +271,7 @@ def _cm1(model, spec: ModelSpec, batch: PromptBatch, batch_size) -> HeadScores:
     return HeadScores(drop / n, "cm1", n_examples=n, baseline=base / n)
 
 
-def _mean_z_at_last(model, spec: ModelSpec, batch: PromptBatch, batch_size) -> Float[Tensor, "layer head d_head"]:
+def _mean_z_at_last(model, spec: ModelSpec, batch: Batch, batch_size) -> Float[Tensor, "layer head d_head"]:
     """Each head's ``hook_z`` at the last prompt token, averaged over the prompts."""
     total = torch.zeros(spec.n_layers, spec.n_heads, spec.d_head)
     for index in batch.chunks(batch_size):
@@ -288,7 +289,7 @@ def _sum_at_last(total: Tensor, layer: int, last: Tensor):
     return hook
 
 
-def _cm2(model, spec: ModelSpec, clean: PromptBatch, corrupted: PromptBatch, batch_size) -> HeadScores:
+def _cm2(model, spec: ModelSpec, clean: Batch, corrupted: Batch, batch_size) -> HeadScores:
     device = model_device(model)
     mean_z = _mean_z_at_last(model, spec, clean, batch_size)
     cache = {attn_hook(layer, "z"): mean_z[layer].to(device) for layer in range(spec.n_layers)}
@@ -315,7 +316,7 @@ def _cm2(model, spec: ModelSpec, clean: PromptBatch, corrupted: PromptBatch, bat
 # --------------------------------------------------------------------------
 
 
-def _atp(model, spec, clean: PromptBatch, corrupted: PromptBatch, batch_size, position: str, progress: bool) -> HeadScores:
+def _atp(model, spec, clean: Batch, corrupted: Batch, batch_size, position: str, progress: bool) -> HeadScores:
     if position == "all" and not torch.equal(clean.lengths, corrupted.lengths):
         i = int((clean.lengths != corrupted.lengths).nonzero()[0])
         raise ValueError(
@@ -362,7 +363,7 @@ def _keep(store: dict[int, Tensor], layer: int):
 # --------------------------------------------------------------------------
 
 
-def _check_aligned(clean: PromptBatch, corrupted: PromptBatch) -> None:
+def _check_aligned(clean: Batch, corrupted: Batch) -> None:
     if len(clean) != len(corrupted) or not torch.equal(clean.target, corrupted.target):
         raise ValueError(
             f"corrupted examples must line up one to one with the clean ones (same count and targets); got "
