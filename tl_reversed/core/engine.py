@@ -115,6 +115,7 @@ def run(
     extra_hooks: Sequence[Hook] = (),
     progress: bool | None = None,
     desc: str = "pass",
+    same_length: bool | None = None,
 ) -> Float[Tensor, " batch"] | None:
     """Run ``model`` over ``batch`` in chunks inside the state guard, feeding ``sinks``.
 
@@ -134,8 +135,13 @@ def run(
         progress: show a progress bar; ``None`` (default) shows one when there is more
             than one chunk. The same meaning everywhere in the package.
         desc: the progress bar's label.
+        same_length: never put rows of different lengths in one chunk; ``None`` (default):
+            for a backward pass with a ``metric``. ``False`` for a metric that reads each
+            row's own positions and so never sees padding (e.g. ``p(target)`` at ``batch.last``).
     """
-    parts = batch.chunks(batch_size, same_length=backward and metric is not None)
+    if same_length is None:
+        same_length = backward and metric is not None
+    parts = batch.chunks(batch_size, same_length=same_length)
     show = len(parts) > 1 if progress is None else bool(progress)
     loss: Tensor | None = None
     with untouched(model):

@@ -53,6 +53,7 @@ __all__ = [
     "normalise_task_name",
     "relation_prompt",
     "same_length_groups",
+    "shuffled_labels",
     "train_test_split",
 ]
 
@@ -408,11 +409,55 @@ def _draw_demos(
     return [train[i] for i in picks]
 
 
-def _shuffle_outputs(rng: random.Random, demos: list[Pair]) -> list[Pair]:
+def _shuffle_outputs(rng: random.Random, demos: Sequence[Pair]) -> tuple[Pair, ...]:
     """Permute the outputs among the demonstrations, inputs staying in place."""
     outputs = [y for _, y in demos]
     rng.shuffle(outputs)
-    return [(x, y) for (x, _), y in zip(demos, outputs)]
+    return tuple((x, y) for (x, _), y in zip(demos, outputs))
+
+
+def shuffled_labels(
+    examples: Iterable[Example], seed: int = 0, *, build_prompt: Any = None
+) -> list[Example]:
+    """The same examples with their demonstrations' outputs permuted (Todd et al.'s corruption).
+
+    The one implementation of the label shuffle: ``make_examples(...,
+    shuffle_labels=True)`` is ``shuffled_labels`` of the clean examples of every query
+    (before the one-token filter and ``n``), so it equals ``shuffled_labels(make_examples(...),
+    seed)`` whenever no example was dropped. One seeded generator walks the examples in
+    order. Without ``build_prompt(demos, x)`` the prompt is rebuilt in the ICL format
+    or, for a relation format, by replacing each demonstration line's label.
+    """
+    rng = random.Random(f"tl_reversed.experiments.tasks:labels:{seed}")
+    out = []
+    for i, example in enumerate(examples):
+        if not hasattr(example, "demos"):
+            raise TypeError(
+                "cannot shuffle labels of plain (prompt, target) pairs: pass corrupted=... "
+                "(make_examples(..., shuffle_labels=True))"
+            )
+        demos = tuple(example.demos)
+        shuffled = _shuffle_outputs(rng, demos)
+        if build_prompt is not None:
+            prompt = build_prompt(list(shuffled), example.x)
+        elif example.prompt == icl_prompt(demos, example.x):
+            prompt = icl_prompt(shuffled, example.x)
+        else:
+            prompt = _relabel_lines(example.prompt, demos, shuffled, i)
+        out.append(replace(example, prompt=prompt, demos=shuffled))
+    return out
+
+
+def _relabel_lines(prompt: str, demos: Sequence[Pair], shuffled: Sequence[Pair], i: int) -> str:
+    """A relation prompt (one demonstration per line, then the query) with new labels."""
+    lines = prompt.split("\n")
+    if len(lines) != len(demos) + 1 or not all(line.endswith(f" {y}") for line, (_, y) in zip(lines, demos)):
+        raise ValueError(
+            f"cannot find the demonstration labels in prompt {i} ({prompt!r}): pass corrupted="
+            "make_examples(..., shuffle_labels=True) with the arguments that made the clean examples"
+        )
+    new = [line[: len(line) - len(y)] + y_new for line, (_, y), (_, y_new) in zip(lines, demos, shuffled)]
+    return "\n".join(new + [lines[-1]])
 
 
 def _queries(train: tuple[Pair, ...], test: tuple[Pair, ...], split: str) -> tuple[Pair, ...]:
@@ -484,14 +529,13 @@ def make_examples(
     for i, (x, _) in enumerate(train):
         indices_by_input.setdefault(x, set()).add(i)
     demo_rng = random.Random(f"tl_reversed.experiments.tasks:demos:{seed}")
-    label_rng = random.Random(f"tl_reversed.experiments.tasks:labels:{seed}")
 
     examples = []
     for x, y in queries:
         demos = _draw_demos(demo_rng, train, indices_by_input, x, shots)
-        if shuffle_labels:
-            demos = _shuffle_outputs(label_rng, demos)
         examples.append(Example(build_prompt(demos, x), _target(y), x, y, tuple(demos)))
+    if shuffle_labels:  # before any filtering, so the shuffle of a query never depends on the model
+        examples = shuffled_labels(examples, seed, build_prompt=build_prompt)
 
     dropped = 0
     if model is not None:
