@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_reversed.core.architecture import EMBED, last_position_hook, positions_hook
+from tl_reversed.core.architecture import EMBED, Model, last_position_hook, positions_hook
 from tl_reversed.core.inputs import Batch, target_loss, target_positions
 from tl_reversed.core.state import untouched
 
@@ -44,7 +44,7 @@ Hook = tuple[str, Callable]
 """A hook as TransformerLens takes it: ``(hook_name, fn(tensor, hook))``."""
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: Model) -> torch.device:
     """The device of the model's first parameter (the one helper for it)."""
     return next(model.parameters()).device
 
@@ -105,7 +105,7 @@ class _FiniteCheck:
 
 
 def run(
-    model: torch.nn.Module,
+    model: Model,
     batch: Batch,
     sinks: Sequence[Sink],
     *,
@@ -192,7 +192,7 @@ def per_example_loss(logits: Tensor, batch: Batch, metric: Metric | None, *, pic
 
 
 def forward_backward(
-    model: torch.nn.Module,
+    model: Model,
     batch: Batch,
     metric: Metric | None,
     fwd_hooks: Sequence[Hook] = (),
@@ -227,7 +227,7 @@ def forward_backward(
     return loss.detach().to(torch.float64 if loss.dtype == torch.float64 else torch.float32).cpu()
 
 
-def forward_last(model: torch.nn.Module, batch: Batch, hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch d_vocab"]:
+def forward_last(model: Model, batch: Batch, hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch d_vocab"]:
     """Logits at each row's last prompt token (``batch.last``) with ``hooks`` on, float32 on the CPU.
 
     Runs under ``torch.no_grad`` and unembeds the last prompt token alone (added after

@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_reversed.core.architecture import Model, ModelSpec, describe
-from tl_reversed.core.engine import Hook, model_device, run
+from tl_reversed.core.engine import Hook, model_device
 from tl_reversed.core.inputs import Batch
 from tl_reversed.experiments.evaluation import accuracy, last_logits, prompt_batch
 from tl_reversed.experiments.patch_hooks import (
@@ -53,6 +53,7 @@ from tl_reversed.experiments.patch_hooks import (
     attention_patch,
     attention_patch_hooks,
     average_maps,
+    mean_maps,
     patch_hooks,
 )
 
@@ -71,6 +72,7 @@ __all__ = [
     "best_lr",
     "evaluate_patching",
     "iterative_patching",
+    "mean_maps",
     "patch_hooks",
     "train_loss",
 ]
@@ -181,11 +183,11 @@ def evaluate_patching(
         progress: show a progress bar over the sweep (default on).
     """
     start = time.perf_counter()
+    spec, device = describe(model), model_device(model)
     if maps is None:
-        maps = average_maps(model, train, source, batch_size=batch_size, progress=progress)
+        maps = mean_maps(model, spec, prompt_batch(model, train, spec), source, batch_size, progress)
     elif maps.source != source:
         raise ValueError(f"maps were made from {maps.source!r} but source={source!r}")
-    spec, device = describe(model), model_device(model)
     batch = _test_batch(model, test, maps.length, spec)
     values = [float(lr) for lr in lrs]
     original = accuracy(model, batch, batch_size=batch_size)
@@ -291,9 +293,7 @@ def iterative_patching(
     accuracies, losses = [accuracy(model, batch, batch_size=batch_size)], []
     for _ in tqdm(range(steps), desc=f"iterative RA, lr {lr:g}", disable=progress is False, leave=False):
         current = patch_hooks(spec, device, patch, 1.0) if bool(patch.any()) else []
-        sink = MeanMaps(model, spec, "ra", length)
-        run(model, train_batch, [sink], metric=sink.metric, batch_size=batch_size, extra_hooks=current, progress=False)
-        maps = sink.finish()
+        maps = mean_maps(model, spec, train_batch, "ra", batch_size, False, current)
         losses.append(maps.loss)
         patch = patch + float(lr) * maps.maps
         accuracies.append(accuracy(model, batch, patch_hooks(spec, device, patch, 1.0), batch_size=batch_size))

@@ -125,7 +125,21 @@ def average_maps(
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     spec = describe(model)
-    batch = prompt_batch(model, train_examples, spec)
+    return mean_maps(model, spec, prompt_batch(model, train_examples, spec), source, batch_size, progress, extra_hooks)
+
+
+def mean_maps(
+    model: Model,
+    spec: ModelSpec,
+    batch: Batch,
+    source: str,
+    batch_size: int | None,
+    progress: bool | None,
+    extra_hooks: Sequence[Hook] = (),
+) -> AttentionMaps:
+    """:func:`average_maps` of a prompt-only batch, for a model already described (``spec``)."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     length = _single_length(batch, "average_maps: the training prompts")
     sink = MeanMaps(model, spec, source, length)
     run(model, batch, [sink], metric=sink.metric, batch_size=batch_size, extra_hooks=extra_hooks,
