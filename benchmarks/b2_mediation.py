@@ -29,16 +29,14 @@ def _one_head_forward(ctx: Context, model, examples) -> dict:
     from tl_reversed.core.architecture import describe
     from tl_reversed.experiments.evaluation import last_logits, prompt_batch
     from tl_reversed.perturbation import mask_hooks
-    from tl_reversed.core.state import untouched
 
     spec = describe(model)
     batch = prompt_batch(model, examples)
     mask = torch.ones(spec.n_layers, spec.n_heads)
     mask[spec.n_layers // 2, 0] = 0.0
 
-    def forward():
-        with untouched(model):
-            last_logits(model, batch, mask_hooks(mask), batch_size=32)  # head_scores' default mini-batch
+    def forward():  # an engine pass: it keeps the model untouched itself
+        last_logits(model, batch, mask_hooks(mask), batch_size=32)  # head_scores' default mini-batch
 
     return median_time(ctx, forward, repeats=max(2, ctx.repeats // 2))
 

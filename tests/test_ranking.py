@@ -12,7 +12,7 @@ from conftest import make_tiny
 
 from tl_reversed import reversed_attention
 from tl_reversed.core.architecture import EMBED, attn_hook, describe
-from tl_reversed.ranking import METHODS, HeadScores, head_scores, shuffled_labels
+from tl_reversed.ranking import METHODS, HeadScores, head_scores, register, registered, shuffled_labels
 from tl_reversed.core.state import hook_count
 from tl_reversed.tasks import Example, ExampleSet, icl_prompt, make_examples, relation_prompt
 
@@ -187,6 +187,52 @@ def test_shuffled_labels_permutes_outputs_in_the_prompt_format():
     for clean, bad in zip(relation, shuffled_labels(relation)):
         assert bad.prompt == relation_prompt(template, clean.x, bad.demos)
     assert shuffled_labels(icl, seed=3) == shuffled_labels(icl, seed=3)
+
+
+def test_the_default_corruption_is_the_one_make_examples_makes():
+    # one label shuffle in the package: head_scores' default corrupted set is the CLI's
+    for task, shots in (("antonym", 5), ("verb_past_tense", 3)):
+        clean = make_examples(task, shots=shots, n=8, seed=2, split="train")
+        corrupted = make_examples(task, shots=shots, n=8, seed=2, split="train", shuffle_labels=True)
+        assert shuffled_labels(clean, seed=2) == corrupted.examples
+        assert any(bad.demos != good.demos for bad, good in zip(corrupted, clean))
+
+
+def _neg_index(model, examples, context):
+    """A ranking registered by a test: later heads first (the reverse of "index")."""
+    spec = context.spec
+    return torch.arange(spec.n_layers * spec.n_heads, dtype=torch.float32).reshape(spec.n_layers, spec.n_heads)
+
+
+def test_a_registered_method_is_usable_by_head_scores_and_the_command_line(capsys):
+    from tl_reversed.cli import build_parser
+
+    import tl_reversed.ranking as ranking
+
+    model = make_tiny("llama")
+    spec = describe(model)
+    argv = ["perturbation", "--task", "capitalize", "--methods", "ra,neg_index"]
+    with registered("neg_index", _neg_index):
+        assert ranking.METHODS == (*METHODS, "neg_index")
+        result = head_scores(model, (PROMPTS, TARGETS), "neg_index")
+        assert result.method == "neg_index" and result.order()[0] == (spec.n_layers - 1, spec.n_heads - 1)
+        assert result.order() == head_scores(model, (PROMPTS, TARGETS), "index").order(reverse=True)
+        assert build_parser().parse_args(argv).methods == ["ra", "neg_index"]
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["perturbation", "--help"])
+        assert "neg_index" in capsys.readouterr().out
+        with pytest.raises(ValueError, match="already registered"):
+            register("neg_index")(_neg_index)
+    assert "neg_index" not in ranking.METHODS and ranking.METHODS == METHODS
+    with pytest.raises(ValueError, match="unknown ranking method 'neg_index'; choose one of ra, fa"):
+        head_scores(model, (PROMPTS, TARGETS), "neg_index")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert "unknown method(s) ['neg_index']" in capsys.readouterr().err
+    with registered("flat", lambda model, examples, context: torch.zeros(3)):
+        with pytest.raises(ValueError, match=r"returned \(3,\): it must return HeadScores or a \[layer, head\] tensor"):
+            head_scores(model, (PROMPTS, TARGETS), "flat")
+    assert ranking.METHODS == METHODS
 
 
 def test_examples_sets_and_pairs_give_the_same_scores():

@@ -28,12 +28,15 @@ from tl_reversed.commands.common import (
 )
 from tl_reversed.core.options import METHODS
 
-DEFAULT_METHODS = ",".join(METHODS)
+DEFAULT_METHODS = "ra,fa,cm1,cm2,atp,random,index"
+"""The paper's seven rankings; ``--methods`` accepts every method in the registry (``ranking.METHODS``)."""
 METHOD_NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP", "random": "Random", "index": "Index"}
 
 
 def method_list(text: str) -> list[str]:
-    """``"ra,cm1"`` -> ``["ra", "cm1"]``, checked against the known methods (argparse type)."""
+    """``"ra,cm1"`` -> ``["ra", "cm1"]``, checked against the registered methods (argparse type)."""
+    from tl_reversed.experiments.ranking import METHODS
+
     values = [part.strip().lower() for part in text.split(",") if part.strip()]
     unknown = [v for v in values if v not in METHODS]
     if unknown or not values:
@@ -52,7 +55,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--task", required=True, help="task name, e.g. capitalize (see tl_reversed.experiments.tasks.list_tasks())")
     parser.add_argument("--shots", type=int_list, default=[0, 1, 5, 10], help="shot counts (default 0,1,5,10)")
-    parser.add_argument("--methods", type=method_list, default=method_list(DEFAULT_METHODS), help=f"rankings (default {DEFAULT_METHODS})")
+    from tl_reversed.experiments.ranking import METHODS
+
+    parser.add_argument(
+        "--methods",
+        type=method_list,
+        default=method_list(DEFAULT_METHODS),
+        help=f"rankings, comma-separated, from {','.join(METHODS)} (default {DEFAULT_METHODS})",
+    )
     parser.add_argument("--n", type=int, default=50, help="test prompts for the perturbation curves (default 50)")
     parser.add_argument("--n-score", type=int, default=25, help="training prompts the heads are scored on (default 25, as the paper)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, demonstrations, label shuffle and random order")

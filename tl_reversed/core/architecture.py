@@ -32,8 +32,10 @@ Quirks handled here:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -64,6 +66,28 @@ logits then come out for those positions alone (see :func:`positions_hook`).
 """
 
 _REQUIRED_ATTN_HOOKS = ("z", "v", "pattern")
+
+
+class Model(Protocol):
+    """What ``tl_reversed`` uses of a hooked model: a TransformerBridge (compatibility
+    mode) or a HookedTransformer both are one. A type for annotations only; the check
+    at run time is :func:`check_model`.
+    """
+
+    cfg: Any
+    hook_dict: dict[str, Any]
+
+    def hooks(
+        self, fwd_hooks: Sequence[tuple[str, Callable]] = ..., bwd_hooks: Sequence[tuple[str, Callable]] = ..., **kwargs: Any
+    ) -> AbstractContextManager[Any]: ...
+
+    def to_tokens(self, input: Any, prepend_bos: Any = ..., **kwargs: Any) -> torch.Tensor: ...
+
+    def to_str_tokens(self, input: Any, **kwargs: Any) -> Any: ...
+
+    def parameters(self, recurse: bool = ...) -> Iterator[torch.nn.Parameter]: ...
+
+    def __call__(self, input: Any, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_reversed.core.architecture import EMBED, last_position_hook, positions_hook
+from tl_reversed.core.architecture import EMBED, Model, last_position_hook, positions_hook
 from tl_reversed.core.inputs import Batch, target_loss, target_positions
 from tl_reversed.core.options import show_progress
 from tl_reversed.core.state import untouched
@@ -45,7 +45,7 @@ Hook = tuple[str, Callable]
 """A hook as TransformerLens takes it: ``(hook_name, fn(tensor, hook))``."""
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: Model) -> torch.device:
     """The device of the model's first parameter (the one helper for it)."""
     return next(model.parameters()).device
 
@@ -106,7 +106,7 @@ class _FiniteCheck:
 
 
 def run(
-    model: torch.nn.Module,
+    model: Model,
     batch: Batch,
     sinks: Sequence[Sink],
     *,
@@ -116,6 +116,7 @@ def run(
     extra_hooks: Sequence[Hook] = (),
     progress: bool | None = None,
     desc: str = "pass",
+    same_length: bool | None = None,
 ) -> Float[Tensor, " batch"] | None:
     """Run ``model`` over ``batch`` in chunks inside the state guard, feeding ``sinks``.
 
@@ -135,8 +136,13 @@ def run(
         progress: show a progress bar; ``None`` (default) shows one when there is more
             than one chunk (:func:`tl_reversed.core.options.show_progress`).
         desc: the progress bar's label.
+        same_length: never put rows of different lengths in one chunk; ``None`` (default):
+            for a backward pass with a ``metric``. ``False`` for a metric that reads each
+            row's own positions and so never sees padding (e.g. ``p(target)`` at ``batch.last``).
     """
-    parts = batch.chunks(batch_size, same_length=backward and metric is not None)
+    if same_length is None:
+        same_length = backward and metric is not None
+    parts = batch.chunks(batch_size, same_length=same_length)
     show = show_progress(progress, len(parts))
     loss: Tensor | None = None
     with untouched(model):
@@ -187,7 +193,7 @@ def per_example_loss(logits: Tensor, batch: Batch, metric: Metric | None, *, pic
 
 
 def forward_backward(
-    model: torch.nn.Module,
+    model: Model,
     batch: Batch,
     metric: Metric | None,
     fwd_hooks: Sequence[Hook] = (),
@@ -222,7 +228,7 @@ def forward_backward(
     return loss.detach().to(torch.float64 if loss.dtype == torch.float64 else torch.float32).cpu()
 
 
-def forward_last(model: torch.nn.Module, batch: Batch, hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch d_vocab"]:
+def forward_last(model: Model, batch: Batch, hooks: Sequence[Hook] = ()) -> Float[Tensor, "batch d_vocab"]:
     """Logits at each row's last prompt token (``batch.last``) with ``hooks`` on, float32 on the CPU.
 
     Runs under ``torch.no_grad`` and unembeds the last prompt token alone (added after

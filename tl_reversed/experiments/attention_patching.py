@@ -20,29 +20,64 @@ is live).
 applied and adds ``lr * RA`` again. Because the patch sits at ``hook_z``, the
 observed ``hook_pattern`` stays the softmax output, so the recomputed RA is the exact
 gradient with respect to the attention scores of the patched model.
+
+Layout: the maps and the patch hooks live in :mod:`tl_reversed.experiments.patch_hooks`
+(re-exported here); this module holds the evaluation: the learning-rate sweep
+(:func:`evaluate_patching`), :func:`train_loss` and :func:`iterative_patching`.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import einops
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
-from tl_reversed.core.options import PATCH_POINTS, SOURCES, PatchPoint, Source, check_option, show_progress
+from tl_reversed.core.architecture import Model, ModelSpec, describe
 from tl_reversed.core.checks import finite_float, finite_floats, optional_batch_size, positive_int
-from tl_reversed.experiments.evaluation import Hook, PromptBatch, accuracy, last_logits, prompt_batch
+from tl_reversed.core.options import SOURCES, Source, check_option, show_progress
 from tl_reversed.core.results import Result
-from tl_reversed.core.state import untouched
+from tl_reversed.core.engine import Hook, model_device
+from tl_reversed.core.inputs import Batch
+from tl_reversed.experiments.evaluation import accuracy, last_logits, prompt_batch
+from tl_reversed.experiments.patch_hooks import (
+    GROUP_HINT,
+    PATCH_POINTS,
+    AttentionMaps,
+    MeanMaps,
+    length_counts,
+    single_length,
+    attention_patch,
+    attention_patch_hooks,
+    average_maps,
+    mean_maps,
+    patch_hooks,
+)
+
+__all__ = [
+    "PAPER_LR",
+    "PAPER_LRS",
+    "PATCH_POINTS",
+    "SOURCES",
+    "AttentionMaps",
+    "IterativePatching",
+    "MeanMaps",
+    "PatchingSweep",
+    "attention_patch",
+    "attention_patch_hooks",
+    "average_maps",
+    "best_lr",
+    "evaluate_patching",
+    "iterative_patching",
+    "mean_maps",
+    "patch_hooks",
+    "train_loss",
+]
 
 PAPER_LRS = (3, 2, 1, 0.5, 0, -0.1, -0.5, -1, -2, -4, -6, -8, -10, -15, -20, -25, -30, -35, -40, -60, -80, -100, -120)
 """The paper's learning-rate sweep."""
@@ -51,258 +86,19 @@ PAPER_LR = {"ra": -30.0, "fa": 1.0}
 """The untuned learning rates the paper reports for each source."""
 
 
-_GROUP_HINT = (
-    "group prompts by length with tl_reversed.experiments.tasks.same_length_groups(model, examples, min_size=...) "
-    "and use one group"
-)
-
-
-@dataclass
-class AttentionMaps(Result):
-    """Attention-shaped maps averaged over prompts of one length.
-
-    Attributes:
-        maps: ``[layer, head, query_pos, key_pos]`` mean RA (``source="ra"``) or mean
-            forward attention (``source="fa"``).
-        source: ``"ra"`` or ``"fa"``.
-        length: the prompts' token length (the size of the last two axes).
-        n_examples: number of prompts averaged.
-        loss: mean loss of the prompts' first target token (under ``extra_hooks``, if any).
-    """
-
-    maps: Float[Tensor, "layer head query_pos key_pos"]
-    source: str
-    length: int
-    n_examples: int
-    loss: float
-
-    def norms(self) -> Float[Tensor, "layer head"]:
-        """Frobenius norm of each head's averaged map."""
-        return self.maps.flatten(-2).norm(dim=-1)
-
-    def to_dataframe(self) -> pd.DataFrame:
-        """One row per head: layer, head and the norm of its averaged map."""
-        norms = self.norms()
-        rows = [(layer, head, float(norms[layer, head])) for layer in range(norms.shape[0]) for head in range(norms.shape[1])]
-        return pd.DataFrame(rows, columns=["layer", "head", "norm"]).assign(source=self.source)
-
-    def plot(self, layer: int | None = None, head: int | None = None, ax=None):
-        """The averaged map of one head (default: the largest), or its norms heatmap; a Figure."""
-        from tl_reversed.views.plotting import figure_and_axes
-
-        norms = self.norms()
-        if layer is None or head is None:
-            flat = int(norms.flatten().argmax())
-            layer, head = flat // norms.shape[1], flat % norms.shape[1]
-        fig, ax = figure_and_axes(ax, (4.5, 4))
-        grid = self.maps[layer, head].float().numpy()
-        bound = float(abs(grid).max()) or 1.0
-        image = ax.imshow(grid, cmap="RdBu_r" if self.source == "ra" else "viridis", vmin=-bound if self.source == "ra" else 0, vmax=bound)
-        ax.set_xlabel("key position")
-        ax.set_ylabel("query position")
-        ax.set_title(f"mean {self.source.upper()} L{layer}H{head} ({self.n_examples} prompts)")
-        fig.colorbar(image, ax=ax, shrink=0.8)
-        return fig
-
-
-def _length_counts(batch: PromptBatch) -> str:
-    counts = Counter(batch.lengths.tolist())
-    return ", ".join(f"{n} prompts of {length}" for length, n in sorted(counts.items()))
-
-
-def _single_length(batch: PromptBatch, what: str) -> int:
-    length = batch.single_length()
-    if length is None:
-        raise ValueError(f"{what} need one token length, got {_length_counts(batch)}: {_GROUP_HINT}")
-    return length
-
-
-def average_maps(
-    model: torch.nn.Module,
-    train_examples: object,
-    source: Source = "ra",
-    *,
-    batch_size: int | None = 16,
-    progress: bool | None = None,
-    extra_hooks: Sequence[Hook] = (),
-) -> AttentionMaps:
-    """Average RA maps (or forward attention) over training prompts of one length.
-
-    Each prompt's RA is the gradient of its own loss (per example, never a batch
-    average), computed by :func:`tl_reversed.core.reversed_attention`; the maps are then
-    averaged over the prompts. The loss is the cross-entropy of the first target token
-    at the last prompt token (for one-token targets, the full target loss), so the maps
-    cover the prompt positions only.
-
-    Args:
-        model: a TransformerBridge (compatibility mode) or HookedTransformer.
-        train_examples: an ``ExampleSet``, a list of ``Example`` or ``(prompts, targets)``,
-            all of one token length (see :func:`tl_reversed.experiments.tasks.same_length_groups`).
-        source: ``"ra"`` or ``"fa"`` (forward attention).
-        batch_size: prompts per forward/backward pass.
-        progress: show a progress bar over the batches (``None``: when there is more than
-            one; see :mod:`tl_reversed.core.options`).
-        extra_hooks: forward hooks kept on during the pass (e.g. a current attention patch).
-    """
-    from tl_reversed.core.reversed_attention import reversed_attention
-
-    check_option("source", source, SOURCES)
-    batch = prompt_batch(model, train_examples)
-    length = _single_length(batch, "average_maps: the training prompts")
-    spec = describe(model)
-    total = torch.zeros(spec.n_layers, spec.n_heads, length, length)
-    loss = 0.0
-    parts = batch.chunks(batch_size)
-    show = show_progress(progress, len(parts))
-    for index in tqdm(parts, desc=f"mean {source.upper()} maps", disable=not show, leave=False):
-        sub = batch.rows(index)
-        result = reversed_attention(
-            model,
-            sub.tokens,
-            metric=_first_token_loss(sub.target),
-            keep="maps",
-            batch_size=None,
-            progress=False,
-            extra_hooks=extra_hooks,
-        )
-        maps = result.maps if source == "ra" else result.pattern
-        total += maps.sum(0)  # type: ignore[union-attr]
-        loss += float(result.loss.sum())
-    n = len(batch)
-    return AttentionMaps(total / n, source, length, n, loss / n)
-
-
-def _first_token_loss(target: Tensor):
-    """Metric: cross-entropy of each row's first target token at the last prompt token."""
-
-    def metric(logits: Tensor, tokens: Tensor) -> Tensor:
-        logprobs = logits[:, -1].float().log_softmax(-1)
-        return -logprobs.gather(-1, target.to(logits.device)[:, None])[:, 0]
-
-    return metric
-
-
-def _as_tensor(maps: object) -> Float[Tensor, "layer head query_pos key_pos"]:
-    tensor = maps.maps if isinstance(maps, AttentionMaps) else maps
-    if not isinstance(tensor, Tensor) or tensor.ndim != 4:
-        raise TypeError(
-            "maps must be an AttentionMaps (from average_maps) or a tensor [layer, head, query_pos, key_pos], "
-            f"got {type(maps).__name__}"
-        )
-    return tensor
-
-
-def _check_maps(tensor: Tensor, spec: ModelSpec) -> None:
-    if tensor.shape[:2] != (spec.n_layers, spec.n_heads) or tensor.shape[2] != tensor.shape[3]:
-        raise ValueError(
-            f"maps must have shape [layer, head, pos, pos] with layer={spec.n_layers}, head={spec.n_heads}; "
-            f"got {tuple(tensor.shape)}"
-        )
-
-
-def _length_error(actual: int, expected: int) -> ValueError:
-    return ValueError(
-        f"the attention patch was averaged over prompts of {expected} tokens, but the model is reading "
-        f"{actual} tokens: patch only prompts of {expected} tokens ({_GROUP_HINT})"
-    )
-
-
-def attention_patch_hooks(
-    model: torch.nn.Module,
-    maps: object,
-    lr: float,
-    *,
-    at: PatchPoint = "z",
-) -> list[Hook]:
-    """The attention patch ``pattern += lr * maps`` as ``(hook_name, fn)`` forward hooks.
-
-    Pass them to ``model.run_with_hooks(..., fwd_hooks=...)`` or ``model.hooks(...)``
-    beside your own hooks. Sequences must have exactly the maps' length.
-
-    Args:
-        model: the model the hooks are for.
-        maps: an :class:`AttentionMaps` or a ``[layer, head, query_pos, key_pos]`` tensor.
-        lr: the factor (the paper: -30 for RA, +1 for forward attention).
-        at: ``"z"`` (default, every architecture): add ``einsum(lr * maps, V)`` at
-            ``hook_z``, with ``V`` from ``hook_v`` of the same layer and forward pass;
-            ``"pattern"``: add ``lr * maps`` at ``hook_pattern`` (only where the bridge
-            computes attention itself).
-    """
-    check_option("at", at, PATCH_POINTS)
-    spec = describe(model)
-    tensor = _as_tensor(maps)
-    _check_maps(tensor, spec)
-    delta = (finite_float(lr, "lr") * tensor.detach().float()).to(next(model.parameters()).device)
-    if at == "pattern":
-        if not spec.pattern_editable:
-            raise ValueError(
-                "this model's bridge hands attention to the Hugging Face module, which discards edits to "
-                "hook_pattern: use at='z' (exact on every architecture)"
-            )
-        return [(attn_hook(layer, "pattern"), _add_to_pattern(delta[layer])) for layer in range(spec.n_layers)]
-    hooks: list[Hook] = []
-    for layer in range(spec.n_layers):
-        stash: dict[str, Tensor] = {}
-        hooks.append((attn_hook(layer, "v"), _stash_v(stash)))
-        hooks.append((attn_hook(layer, "z"), _add_at_z(delta[layer], stash, spec.n_heads)))
-    return hooks
-
-
-def _add_to_pattern(delta: Float[Tensor, "head query_pos key_pos"]):
-    def hook(pattern: Float[Tensor, "batch head query_pos key_pos"], hook: object) -> Tensor:
-        if pattern.shape[-1] != delta.shape[-1]:
-            raise _length_error(pattern.shape[-1], delta.shape[-1])
-        return pattern + delta.to(pattern.dtype)[None]
-
-    return hook
-
-
-def _stash_v(stash: dict[str, Tensor]):
-    def hook(v: Float[Tensor, "batch key_pos kv_head d_head"], hook: object) -> None:
-        stash["v"] = v
-
-    return hook
-
-
-def _add_at_z(delta: Float[Tensor, "head query_pos key_pos"], stash: dict[str, Tensor], n_heads: int):
-    def hook(z: Float[Tensor, "batch query_pos head d_head"], hook: object) -> Tensor:
-        v = stash.pop("v", None)
-        if v is None:
-            raise RuntimeError("hook_v did not fire before hook_z in this layer: the patch at hook_z cannot see the values")
-        if z.shape[1] != delta.shape[-1]:
-            raise _length_error(z.shape[1], delta.shape[-1])
-        values = repeat_kv(v, n_heads)
-        shift = einops.einsum(delta.to(values.dtype), values, "head q k, batch k head d -> batch q head d")
-        return z + shift.to(z.dtype)
-
-    return hook
-
-
-@contextmanager
-def attention_patch(model: torch.nn.Module, maps: object, lr: float, *, at: PatchPoint = "z") -> Iterator[torch.nn.Module]:
-    """Context manager: inside it, every head's attention is ``pattern + lr * maps``.
-
-    >>> maps = average_maps(model, train_group)            # doctest: +SKIP
-    >>> with attention_patch(model, maps, lr=-30):         # doctest: +SKIP
-    ...     logits = model(test_tokens)
-    """
-    with model.hooks(fwd_hooks=attention_patch_hooks(model, maps, lr, at=at)):  # type: ignore[operator]
-        yield model
-
-
 # --------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------
 
 
-def _test_batch(model, test: object, length: int) -> PromptBatch:
-    batch = prompt_batch(model, test)
+def _test_batch(model: Model, test: object, length: int, spec: ModelSpec) -> Batch:
+    batch = prompt_batch(model, test, spec)
     bad = (batch.lengths != length).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
             f"the maps were averaged over prompts of {length} tokens, but {len(bad)} test prompts have another "
             f"length (test prompt {bad[0]} has {int(batch.lengths[bad[0]])} tokens; the test set has "
-            f"{_length_counts(batch)}): {_GROUP_HINT}"
+            f"{length_counts(batch)}): {GROUP_HINT}"
         )
     return batch
 
@@ -366,7 +162,7 @@ def best_lr(lrs: Sequence[float], accuracy: Sequence[float]) -> tuple[float, flo
 
 
 def evaluate_patching(
-    model: torch.nn.Module,
+    model: Model,
     train: object,
     test: object,
     source: Source = "ra",
@@ -393,17 +189,18 @@ def evaluate_patching(
     values = finite_floats(lrs, "lrs")
     optional_batch_size(batch_size)
     start = time.perf_counter()
+    spec, device = describe(model), model_device(model)
     if maps is None:
-        maps = average_maps(model, train, source, batch_size=batch_size, progress=progress)
+        maps = mean_maps(model, spec, prompt_batch(model, train, spec), source, batch_size, progress)
     elif maps.source != source:
         raise ValueError(f"maps were made from {maps.source!r} but source={source!r}")
-    batch = _test_batch(model, test, maps.length)
-    with untouched(model):
-        original = accuracy(model, batch, batch_size=batch_size)
-        results = []
-        for lr in tqdm(values, desc=f"{source.upper()} lr sweep", disable=not show_progress(progress, len(values)), leave=False):
-            hooks = attention_patch_hooks(model, maps, lr) if lr != 0 else []
-            results.append(original if lr == 0 else accuracy(model, batch, hooks, batch_size=batch_size))
+    batch = _test_batch(model, test, maps.length, spec)
+    original = accuracy(model, batch, batch_size=batch_size)
+    results = []
+    for lr in tqdm(values, desc=f"{source.upper()} lr sweep", disable=not show_progress(progress, len(values)), leave=False):
+        # one forward-only engine pass per lr (each leaves the model untouched)
+        hooks = patch_hooks(spec, device, maps, lr) if lr != 0 else []
+        results.append(original if lr == 0 else accuracy(model, batch, hooks, batch_size=batch_size))
     return PatchingSweep(
         source=source,
         lrs=values,
@@ -417,11 +214,13 @@ def evaluate_patching(
     )
 
 
-def train_loss(model: torch.nn.Module, examples: object, hooks: Sequence[Hook] = (), *, batch_size: int | None = 16) -> float:
+def train_loss(model: Model, examples: object, hooks: Sequence[Hook] = (), *, batch_size: int | None = 16) -> float:
     """Mean cross-entropy of the first target token at the last prompt token, with ``hooks`` on."""
-    batch = prompt_batch(model, examples)
-    with untouched(model):
-        logprobs = last_logits(model, batch, hooks, batch_size=batch_size).log_softmax(-1)
+    return _train_loss(model, prompt_batch(model, examples), hooks, batch_size)
+
+
+def _train_loss(model: Model, batch: Batch, hooks: Sequence[Hook], batch_size: int | None) -> float:
+    logprobs = last_logits(model, batch, hooks, batch_size=batch_size).log_softmax(-1)
     return float(-logprobs.gather(-1, batch.target[:, None]).mean())
 
 
@@ -472,7 +271,7 @@ class IterativePatching(Result):
 
 
 def iterative_patching(
-    model: torch.nn.Module,
+    model: Model,
     train: object,
     test: object,
     lr: float = -10.0,
@@ -493,21 +292,19 @@ def iterative_patching(
     lr = finite_float(lr, "lr")
     optional_batch_size(batch_size)
     start = time.perf_counter()
-    spec = describe(model)
-    length = _single_length(prompt_batch(model, train), "iterative_patching: the training prompts")
-    batch = _test_batch(model, test, length)
+    spec, device = describe(model), model_device(model)
+    train_batch = prompt_batch(model, train, spec)
+    length = single_length(train_batch, "iterative_patching: the training prompts")
+    batch = _test_batch(model, test, length, spec)
     patch = torch.zeros(spec.n_layers, spec.n_heads, length, length)
-    accuracies, losses = [], []
-    with untouched(model):
-        accuracies.append(accuracy(model, batch, batch_size=batch_size))
+    accuracies, losses = [accuracy(model, batch, batch_size=batch_size)], []
     for _ in tqdm(range(steps), desc=f"iterative RA, lr {lr:g}", disable=not show_progress(progress, steps), leave=False):
-        current = attention_patch_hooks(model, patch, 1.0) if bool(patch.any()) else []
-        maps = average_maps(model, train, "ra", batch_size=batch_size, progress=False, extra_hooks=current)
+        current = patch_hooks(spec, device, patch, 1.0) if bool(patch.any()) else []
+        maps = mean_maps(model, spec, train_batch, "ra", batch_size, False, current)
         losses.append(maps.loss)
         patch = patch + float(lr) * maps.maps
-        with untouched(model):
-            accuracies.append(accuracy(model, batch, attention_patch_hooks(model, patch, 1.0), batch_size=batch_size))
-    losses.append(train_loss(model, train, attention_patch_hooks(model, patch, 1.0), batch_size=batch_size))
+        accuracies.append(accuracy(model, batch, patch_hooks(spec, device, patch, 1.0), batch_size=batch_size))
+    losses.append(_train_loss(model, train_batch, patch_hooks(spec, device, patch, 1.0), batch_size))
     return IterativePatching(
         lr=float(lr),
         accuracy=accuracies,

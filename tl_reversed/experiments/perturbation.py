@@ -24,12 +24,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_reversed.core.architecture import ModelSpec, attn_hook, describe
-from tl_reversed.core.options import show_progress
+from tl_reversed.core.architecture import Model, ModelSpec, attn_hook, describe
 from tl_reversed.core.checks import finite_scores, optional_batch_size
-from tl_reversed.experiments.evaluation import Hook, PromptBatch, correct, last_logits, prompt_batch
+from tl_reversed.core.engine import Hook
+from tl_reversed.core.inputs import Batch
+from tl_reversed.core.options import show_progress
 from tl_reversed.core.results import Result
-from tl_reversed.core.state import untouched
+from tl_reversed.experiments.evaluation import correct, last_logits, prompt_batch
 
 FRACTIONS = tuple(round(0.1 * i, 10) for i in range(11))
 """The paper's steps: keep 0 %, 10 %, ..., 100 % of the heads."""
@@ -176,7 +177,7 @@ def _check_fractions(fractions: Sequence[float]) -> list[float]:
 
 
 def perturbation_test(
-    model: torch.nn.Module,
+    model: Model,
     examples: object,
     scores: object,
     fractions: Sequence[float] = FRACTIONS,
@@ -213,17 +214,16 @@ def perturbation_test(
     order, method = head_order(scores, spec, reverse)
     total = spec.n_layers * spec.n_heads
     start = time.perf_counter()
-    batch = prompt_batch(model, examples)
-    key_base = (tuple(batch.prompts), tuple(batch.targets))
+    batch = prompt_batch(model, examples, spec)
+    key_base = (tuple(batch.prompts or ()), tuple(batch.target_strings or ()))
     n_kept, accuracy = [], []
-    with untouched(model):
-        steps = tqdm(values, desc=f"perturbation {method}{' reversed' if reverse else ''}", disable=not show_progress(progress, len(values)), leave=False)
-        for fraction in steps:
-            k = int(round(fraction * total))
-            mask = head_mask(order[:k], spec)
-            hits = _correct_under_mask(model, batch, mask, batch_size, cache, key_base)
-            n_kept.append(k)
-            accuracy.append(float(hits.double().mean()))
+    steps = tqdm(values, desc=f"perturbation {method}{' reversed' if reverse else ''}", disable=not show_progress(progress, len(values)), leave=False)
+    for fraction in steps:  # one forward-only engine pass per step (each leaves the model untouched)
+        k = int(round(fraction * total))
+        mask = head_mask(order[:k], spec)
+        hits = _correct_under_mask(model, batch, mask, batch_size, cache, key_base)
+        n_kept.append(k)
+        accuracy.append(float(hits.double().mean()))
     return PerturbationResult(
         fractions=values,
         n_kept=n_kept,
@@ -235,7 +235,7 @@ def perturbation_test(
     )
 
 
-def _correct_under_mask(model, batch: PromptBatch, mask: Tensor, batch_size, cache: dict | None, key_base) -> Tensor:
+def _correct_under_mask(model: Model, batch: Batch, mask: Tensor, batch_size, cache: dict | None, key_base) -> Tensor:
     key = (key_base, tuple(mask.flatten().tolist()))
     if cache is not None and key in cache:
         return cache[key]

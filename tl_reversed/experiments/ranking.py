@@ -1,6 +1,7 @@
-"""Head rankings: which heads matter for a task, by seven methods.
+"""Head rankings: which heads matter for a task, by seven methods (and any you register).
 
-:func:`head_scores` gives every head a score (higher = more important) by one of:
+:func:`head_scores` gives every head a score (higher = more important) by one of the
+methods in the registry (``METHODS`` is a live view of it; add one with ``@register("name")``):
 
 ``"ra"``
     Reversed Attention: each head's RA Frobenius norm, averaged over examples
@@ -40,25 +41,100 @@ replacing each head's output with its mean.
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from tl_reversed.core.architecture import ModelSpec, attn_hook, describe
-from tl_reversed.core.options import METHODS, POSITIONS, Method, Position, check_option, show_progress
+from tl_reversed.core.architecture import Model, ModelSpec, attn_hook, describe
 from tl_reversed.core.checks import optional_batch_size
-from tl_reversed.core.engine import forward_backward, model_device
-from tl_reversed.experiments.evaluation import PromptBatch, as_prompts_targets, last_logits, prompt_batch, target_probs
+from tl_reversed.core.options import POSITIONS, Position, check_option
 from tl_reversed.core.results import Result
-from tl_reversed.core.state import untouched
+from tl_reversed.core.engine import model_device, run
+from tl_reversed.core.inputs import Batch
+from tl_reversed.experiments.evaluation import as_prompts_targets, prompt_batch
+from tl_reversed.experiments.mediation import AttributionPatching, MeanZAtLast, SweepHeads
+from tl_reversed.experiments.tasks import shuffled_labels
 
+__all__ = ["METHODS", "HeadScores", "RankingContext", "head_scores", "register", "registered", "shuffled_labels", "unregister"]
+
+@dataclass(frozen=True)
+class RankingContext:
+    """Everything a ranking method gets besides the model and the examples.
+
+    Attributes:
+        spec: the model described once (:func:`tl_reversed.core.architecture.describe`).
+        corrupted: the shuffled-label examples (``"cm2"``, ``"atp"``), or None for the default.
+        seed: seed of ``"random"`` and of the default label shuffle.
+        batch_size: examples per pass (``None``: all at once).
+        position: ``"atp"``: ``"last"`` prompt token or ``"all"`` positions.
+        progress: show a progress bar over the batches (``None``: when there is more than one).
+    """
+
+    spec: ModelSpec
+    corrupted: object | None = None
+    seed: int = 0
+    batch_size: int | None = 32
+    position: Position = "last"
+    progress: bool | None = None
+
+
+RankingMethod = Callable[[Model, object, RankingContext], "HeadScores | Float[Tensor, 'layer head']"]
+"""``method(model, examples, context)`` -> a :class:`HeadScores` or a ``[layer, head]`` tensor."""
+
+_REGISTRY: dict[str, RankingMethod] = {}
+
+
+def register(name: str) -> Callable[[RankingMethod], RankingMethod]:
+    """Decorator: make ``fn(model, examples, context)`` the ranking method ``name`` of :func:`head_scores`.
+
+    The method returns a ``[layer, head]`` tensor (higher = more important) or a
+    :class:`HeadScores`; it then appears in :data:`METHODS` and in the command line's
+    ``--methods``. Remove it with :func:`unregister` (or use :func:`registered`).
+    """
+    if not isinstance(name, str) or not name or name != name.strip().lower() or "," in name:
+        raise ValueError(f"a ranking method's name must be a non-empty lower-case word without commas, got {name!r}")
+
+    def decorate(fn: RankingMethod) -> RankingMethod:
+        if name in _REGISTRY:
+            raise ValueError(f"ranking method {name!r} is already registered; unregister({name!r}) first")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def unregister(name: str) -> None:
+    """Remove a ranking method registered with :func:`register`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no ranking method {name!r} is registered; the methods are {', '.join(_REGISTRY)}")
+    del _REGISTRY[name]
+
+
+@contextmanager
+def registered(name: str, fn: RankingMethod) -> Iterator[RankingMethod]:
+    """Context manager: ``fn`` is the ranking method ``name`` inside the block only (for tests)."""
+    register(name)(fn)
+    try:
+        yield fn
+    finally:
+        _REGISTRY.pop(name, None)
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered ranking methods, in registration order (what :data:`METHODS` reads)."""
+    return tuple(_REGISTRY)
+
+
+def __getattr__(name: str) -> object:
+    if name == "METHODS":  # a live view of the registry: ranking.METHODS is computed at each access
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -67,7 +143,7 @@ class HeadScores(Result):
 
     Attributes:
         scores: ``[layer, head]`` scores.
-        method: the method that made them (one of :data:`METHODS`).
+        method: the method that made them (a name in :data:`METHODS`).
         seconds: wall time of the computation.
         n_examples: number of examples averaged over (0 for ``random``/``index``).
         baseline: mean ``p(target)`` of the unpatched run the method compares against
@@ -129,9 +205,9 @@ class HeadScores(Result):
 
 
 def head_scores(
-    model: torch.nn.Module,
+    model: Model,
     examples: object,
-    method: Method,
+    method: str,
     *,
     corrupted: object | None = None,
     seed: int = 0,
@@ -139,17 +215,18 @@ def head_scores(
     position: Position = "last",
     progress: bool | None = None,
 ) -> HeadScores:
-    """Score every head for a task by one of :data:`METHODS`.
+    """Score every head for a task by one of the registered methods (:data:`METHODS`).
 
     Args:
         model: a TransformerBridge (compatibility mode) or HookedTransformer.
         examples: an ``ExampleSet`` (see :func:`tl_reversed.experiments.tasks.make_examples`), a list
             of ``Example`` or ``(prompts, targets)``. Targets are scored by their first token.
-        method: ``"ra"``, ``"fa"``, ``"cm1"``, ``"cm2"``, ``"atp"``, ``"random"`` or ``"index"``.
+        method: ``"ra"``, ``"fa"``, ``"cm1"``, ``"cm2"``, ``"atp"``, ``"random"``, ``"index"``
+            or a name given to :func:`register`.
         corrupted: for ``"cm2"`` and ``"atp"``: the same examples with shuffled
             demonstration labels, aligned one to one (``make_examples(...,
             shuffle_labels=True)`` with the same arguments). Default: made from
-            ``examples`` by :func:`shuffled_labels` with ``seed``.
+            ``examples`` by :func:`tl_reversed.experiments.tasks.shuffled_labels` with ``seed``.
         seed: seed of ``"random"`` and of the default label shuffle.
         batch_size: examples per forward pass (``None``: all at once).
         position: ``"atp"`` only: ``"last"`` prompt token or ``"all"`` positions.
@@ -159,204 +236,128 @@ def head_scores(
     Returns:
         A :class:`HeadScores`.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown ranking method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown ranking method {method!r}; choose one of {', '.join(_REGISTRY)}")
     check_option("position", position, POSITIONS)
     batch_size = optional_batch_size(batch_size)
     spec = describe(model)
+    context = RankingContext(spec, corrupted, seed, batch_size, position, progress)
     start = time.perf_counter()
-    if method == "random":
-        generator = torch.Generator().manual_seed(seed)
-        result = HeadScores(torch.rand(spec.n_layers, spec.n_heads, generator=generator), method)
-    elif method == "index":
-        index = torch.arange(spec.n_layers * spec.n_heads, dtype=torch.float32)
-        result = HeadScores(-index.reshape(spec.n_layers, spec.n_heads), method)
+    out = _REGISTRY[method](model, examples, context)
+    if isinstance(out, HeadScores):
+        result = out
+    elif isinstance(out, Tensor) and out.shape == (spec.n_layers, spec.n_heads):
+        result = HeadScores(out.detach().float().cpu(), method)
     else:
-        with untouched(model):
-            if method in ("ra", "fa"):
-                result = _attention_norms(model, examples, method, batch_size, progress)
-            elif method == "cm1":
-                result = _cm1(model, spec, prompt_batch(model, examples), batch_size, progress)
-            else:
-                clean = prompt_batch(model, examples)
-                bad = prompt_batch(model, corrupted if corrupted is not None else shuffled_labels(examples, seed))
-                _check_aligned(clean, bad)
-                if method == "cm2":
-                    result = _cm2(model, spec, clean, bad, batch_size, progress)
-                else:
-                    result = _atp(model, spec, clean, bad, batch_size, position, progress)
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"ranking method {method!r} returned {shape}: it must return HeadScores or a [layer, head] tensor "
+            f"of shape ({spec.n_layers}, {spec.n_heads})"
+        )
     result.seconds = time.perf_counter() - start
     return result
 
 
 # --------------------------------------------------------------------------
-# RA and FA norms
+# The methods (registered in the order METHODS lists them)
 # --------------------------------------------------------------------------
 
 
-def _attention_norms(model, examples, method: str, batch_size, progress: bool | None) -> HeadScores:
+def _attention_norms(model: Model, examples: object, context: RankingContext, method: str) -> HeadScores:
     from tl_reversed.core.reversed_attention import reversed_attention
 
     prompts, targets = as_prompts_targets(examples)
-    result = reversed_attention(model, prompts, targets, keep="norms", batch_size=batch_size, progress=progress)
+    result = reversed_attention(
+        model, prompts, targets, keep="norms", batch_size=context.batch_size, progress=context.progress
+    )
     norms = result.norms if method == "ra" else result.pattern_norms
     return HeadScores(norms.mean(0), method, n_examples=len(prompts), info={"loss": float(result.loss.mean())})
 
 
-# --------------------------------------------------------------------------
-# Causal mediation with TransformerLens' activation patching
-# --------------------------------------------------------------------------
+@register("ra")
+def _ra(model: Model, examples: object, context: RankingContext) -> HeadScores:
+    """Mean over examples of each head's RA norm."""
+    return _attention_norms(model, examples, context, "ra")
 
 
-def _p_target_metric(sub: PromptBatch):
-    """``logits -> p(first target token)`` at each row's last prompt token, for one sub-batch."""
-
-    def metric(logits: Tensor) -> Tensor:
-        rows = torch.arange(len(sub), device=logits.device)
-        return target_probs(logits[rows, sub.last.to(logits.device)], sub)
-
-    return metric
+@register("fa")
+def _fa(model: Model, examples: object, context: RankingContext) -> HeadScores:
+    """Mean over examples of each head's forward-attention norm."""
+    return _attention_norms(model, examples, context, "fa")
 
 
-def _sweep_heads(model, tokens: Tensor, cache: dict, metric, setter) -> tuple[Tensor, Tensor]:
-    """One TransformerLens activation-patching sweep over every (layer, head).
-
-    Returns the per-example metric ``[layer, head, batch]`` and the unpatched baseline ``[batch]``
-    (under TransformerLens 2.x/3.x, whose sweep takes scalar metrics: the batch sums,
-    ``[layer, head, 1]`` and ``[1]``).
-    """
-    import inspect
-
-    from transformer_lens.patching import generic_activation_patch
-
-    with torch.no_grad():
-        if "reduce" in inspect.signature(generic_activation_patch).parameters:  # TransformerLens 4.x
-            result = generic_activation_patch(
-                model,
-                tokens,
-                cache,
-                metric,
-                setter,
-                "z",
-                index_axis_names=["layer", "head"],
-                reduce="none",
-                baseline=True,
-            )
-            return result.values.float().cpu(), result.baseline.float().cpu()
-        # TransformerLens 2.x/3.x: the metric must be a scalar, so sum over the batch
-        summed = generic_activation_patch(
-            model, tokens, cache, lambda logits: metric(logits).sum(), setter, "z", index_axis_names=["layer", "head"]
-        )
-        baseline = metric(model(tokens)).sum()
-    return summed.float().cpu()[..., None], baseline.float().cpu()[None]
-
-
-def _cm1(model, spec: ModelSpec, batch: PromptBatch, batch_size, progress: bool | None) -> HeadScores:
+@register("cm1")
+def _cm1(model: Model, examples: object, context: RankingContext) -> HeadScores:
+    """Drop of p(target) when one head's hook_z is zeroed (TransformerLens' activation patching)."""
     from transformer_lens.patching import layer_head_vector_patch_setter
 
+    spec = context.spec
+    batch = prompt_batch(model, examples, spec)
     zeros = torch.zeros(1, 1, spec.n_heads, 1, device=model_device(model))
     cache = {attn_hook(layer, "z"): zeros for layer in range(spec.n_layers)}
-    drop = torch.zeros(spec.n_layers, spec.n_heads)
-    base = 0.0
-    parts = batch.chunks(batch_size)
-    for index in tqdm(parts, desc="CM1", disable=not show_progress(progress, len(parts)), leave=False):
-        sub = batch.rows(index)
-        values, baseline = _sweep_heads(
-            model, sub.tokens.to(model_device(model)), cache, _p_target_metric(sub), layer_head_vector_patch_setter
-        )
-        drop += (baseline - values).sum(-1)
-        base += float(baseline.sum())
-    n = len(batch)
-    return HeadScores(drop / n, "cm1", n_examples=n, baseline=base / n)
+    sweep = SweepHeads(model, spec, cache, lambda sub: layer_head_vector_patch_setter, drop=True)
+    run(model, batch, [sweep], backward=False, batch_size=context.batch_size, progress=context.progress, desc="CM1")
+    scores, baseline = sweep.finish()
+    return HeadScores(scores, "cm1", n_examples=len(batch), baseline=baseline)
 
 
-def _mean_z_at_last(model, spec: ModelSpec, batch: PromptBatch, batch_size) -> Float[Tensor, "layer head d_head"]:
-    """Each head's ``hook_z`` at the last prompt token, averaged over the prompts."""
-    total = torch.zeros(spec.n_layers, spec.n_heads, spec.d_head)
-    for index in batch.chunks(batch_size):
-        sub = batch.rows(index)
-        last = sub.last.to(model_device(model))
-        hooks = [(attn_hook(layer, "z"), _sum_at_last(total, layer, last)) for layer in range(spec.n_layers)]
-        last_logits(model, sub, hooks, batch_size=None)
-    return total / len(batch)
-
-
-def _sum_at_last(total: Tensor, layer: int, last: Tensor):
-    def hook(z: Tensor, hook: object) -> None:
-        total[layer] += z[torch.arange(z.shape[0], device=z.device), last].float().sum(0).cpu()
-
-    return hook
-
-
-def _cm2(model, spec: ModelSpec, clean: PromptBatch, corrupted: PromptBatch, batch_size, progress: bool | None) -> HeadScores:
-    device = model_device(model)
-    mean_z = _mean_z_at_last(model, spec, clean, batch_size)
+@register("cm2")
+def _cm2(model: Model, examples: object, context: RankingContext) -> HeadScores:
+    """Rise of p(target) on shuffled-label prompts when one head's mean clean hook_z is patched in."""
+    spec, device = context.spec, model_device(model)
+    clean, corrupted = _clean_and_corrupted(model, examples, context)
+    mean = MeanZAtLast(spec)
+    run(model, clean, [mean], backward=False, batch_size=context.batch_size, progress=False, desc="mean z")
+    mean_z = mean.finish()
     cache = {attn_hook(layer, "z"): mean_z[layer].to(device) for layer in range(spec.n_layers)}
-    rise = torch.zeros(spec.n_layers, spec.n_heads)
-    base = 0.0
-    parts = corrupted.chunks(batch_size)
-    for index in tqdm(parts, desc="CM2", disable=not show_progress(progress, len(parts)), leave=False):
-        sub = corrupted.rows(index)
+
+    def setter_for(sub: Batch):
         rows, last = torch.arange(len(sub), device=device), sub.last.to(device)
 
-        def setter(z: Tensor, index: Sequence[int], mean: Tensor, rows=rows, last=last) -> Tensor:
+        def setter(z: Tensor, index: Sequence[int], mean: Tensor) -> Tensor:
             head = index[1]
             z[rows, last, head] = mean[head].to(z.dtype)
             return z
 
-        values, baseline = _sweep_heads(model, sub.tokens.to(device), cache, _p_target_metric(sub), setter)
-        rise += (values - baseline).sum(-1)
-        base += float(baseline.sum())
-    n = len(corrupted)
-    return HeadScores(rise / n, "cm2", n_examples=n, baseline=base / n)
+        return setter
+
+    sweep = SweepHeads(model, spec, cache, setter_for, drop=False)
+    run(model, corrupted, [sweep], backward=False, batch_size=context.batch_size, progress=context.progress, desc="CM2")
+    scores, baseline = sweep.finish()
+    return HeadScores(scores, "cm2", n_examples=len(corrupted), baseline=baseline)
 
 
-# --------------------------------------------------------------------------
-# Attribution patching
-# --------------------------------------------------------------------------
-
-
-def _atp(model, spec, clean: PromptBatch, corrupted: PromptBatch, batch_size, position: str, progress: bool | None) -> HeadScores:
-    if position == "all" and not torch.equal(clean.lengths, corrupted.lengths):
+@register("atp")
+def _atp(model: Model, examples: object, context: RankingContext) -> HeadScores:
+    """Attribution patching at hook_z: (z_clean - z_corrupt) . grad p(target), denoising."""
+    clean, corrupted = _clean_and_corrupted(model, examples, context)
+    if context.position == "all" and not torch.equal(clean.lengths, corrupted.lengths):
         i = int((clean.lengths != corrupted.lengths).nonzero()[0])
         raise ValueError(
             f"position='all' needs clean and corrupted prompts of equal token length, but example {i} has "
             f"{int(clean.lengths[i])} clean and {int(corrupted.lengths[i])} corrupted tokens; use position='last'"
         )
-    effect = torch.zeros(spec.n_layers, spec.n_heads)
-    base = 0.0
-    parts = corrupted.chunks(batch_size)
-    for index in tqdm(parts, desc="attribution patching", disable=not show_progress(progress, len(parts)), leave=False):
-        sub_bad, sub_clean = corrupted.rows(index), clean.rows(index)
-        z_clean: dict[int, Tensor] = {}
-        hooks = [(attn_hook(layer, "z"), _keep(z_clean, layer)) for layer in range(spec.n_layers)]
-        last_logits(model, sub_clean, hooks, batch_size=None)
-        z_bad: dict[int, Tensor] = {}
-        grads: dict[int, Tensor] = {}
-        fwd = [(attn_hook(layer, "z"), _keep(z_bad, layer)) for layer in range(spec.n_layers)]
-        bwd = [(attn_hook(layer, "z"), _keep(grads, layer)) for layer in range(spec.n_layers)]
-        metric = _p_target_metric(sub_bad)
-        p = forward_backward(model, sub_bad, lambda logits, tokens: metric(logits), fwd, bwd)  # type: ignore[arg-type]
-        base += float(p.sum())
-        rows = torch.arange(len(index))
-        for layer in range(spec.n_layers):
-            if position == "last":
-                diff = z_clean[layer][rows, sub_clean.last] - z_bad[layer][rows, sub_bad.last]
-                prod = diff * grads[layer][rows, sub_bad.last]  # [batch, head, d_head]
-                effect[layer] += prod.sum((0, -1))
-            else:
-                width = sub_bad.tokens.shape[1]
-                prod = (z_clean[layer][:, :width] - z_bad[layer]) * grads[layer]  # [batch, pos, head, d_head]
-                effect[layer] += prod.sum((0, 1, -1))
-    n = len(corrupted)
-    return HeadScores(effect / n, "atp", n_examples=n, baseline=base / n, info={"position": position})
+    sink = AttributionPatching(model, context.spec, clean, context.position)
+    # p(target) reads each row's own last prompt token, so chunks may mix lengths (as the curves do)
+    run(model, corrupted, [sink], metric=sink.metric, batch_size=context.batch_size, progress=context.progress,
+        desc="attribution patching", same_length=False)  # fmt: skip
+    effect, baseline = sink.finish()
+    return HeadScores(effect, "atp", n_examples=len(corrupted), baseline=baseline, info={"position": context.position})
 
 
-def _keep(store: dict[int, Tensor], layer: int):
-    def hook(x: Tensor, hook: object) -> None:
-        store[layer] = x.detach().float().cpu()
+@register("random")
+def _random(model: Model, examples: object, context: RankingContext) -> HeadScores:
+    """A seeded random order."""
+    generator = torch.Generator().manual_seed(context.seed)
+    return HeadScores(torch.rand(context.spec.n_layers, context.spec.n_heads, generator=generator), "random")
 
-    return hook
+
+@register("index")
+def _index(model: Model, examples: object, context: RankingContext) -> HeadScores:
+    """Layer order: earlier layers first."""
+    spec = context.spec
+    index = torch.arange(spec.n_layers * spec.n_heads, dtype=torch.float32)
+    return HeadScores(-index.reshape(spec.n_layers, spec.n_heads), "index")
 
 
 # --------------------------------------------------------------------------
@@ -364,51 +365,19 @@ def _keep(store: dict[int, Tensor], layer: int):
 # --------------------------------------------------------------------------
 
 
-def _check_aligned(clean: PromptBatch, corrupted: PromptBatch) -> None:
+def _clean_and_corrupted(model: Model, examples: object, context: RankingContext) -> tuple[Batch, Batch]:
+    """The clean and the shuffled-label prompts, tokenized and checked to line up."""
+    clean = prompt_batch(model, examples, context.spec)
+    bad_examples = context.corrupted if context.corrupted is not None else shuffled_labels(examples, context.seed)
+    corrupted = prompt_batch(model, bad_examples, context.spec)
+    _check_aligned(clean, corrupted)
+    return clean, corrupted
+
+
+def _check_aligned(clean: Batch, corrupted: Batch) -> None:
     if len(clean) != len(corrupted) or not torch.equal(clean.target, corrupted.target):
         raise ValueError(
             f"corrupted examples must line up one to one with the clean ones (same count and targets); got "
             f"{len(clean)} clean and {len(corrupted)} corrupted. Make both with tl_reversed.experiments.tasks.make_examples "
             "and the same arguments, adding shuffle_labels=True for the corrupted set"
         )
-
-
-def shuffled_labels(examples: object, seed: int = 0) -> list:
-    """The same examples with their demonstrations' outputs permuted (Todd et al.'s corruption).
-
-    Works for ``Example`` objects (from :mod:`tl_reversed.experiments.tasks`) in the ICL format or a
-    relation format with one demonstration per line. ``make_examples(...,
-    shuffle_labels=True)`` gives the canonical corrupted set; this rebuilds one from
-    examples already made.
-    """
-    from dataclasses import replace
-
-    from tl_reversed.experiments.tasks import icl_prompt
-
-    rng = random.Random(f"tl_reversed.experiments.ranking:labels:{seed}")
-    out = []
-    for i, example in enumerate(examples):  # type: ignore[attr-defined]
-        demos = list(getattr(example, "demos", None) or ())
-        if not hasattr(example, "demos"):
-            raise TypeError(
-                "cannot shuffle labels of plain (prompt, target) pairs: pass corrupted=... "
-                "(make_examples(..., shuffle_labels=True))"
-            )
-        outputs = [y for _, y in demos]
-        rng.shuffle(outputs)
-        shuffled = tuple((x, y) for (x, _), y in zip(demos, outputs))
-        if example.prompt == icl_prompt(demos, example.x):
-            prompt = icl_prompt(shuffled, example.x)
-        else:
-            lines = example.prompt.split("\n")
-            if len(lines) != len(demos) + 1 or not all(line.endswith(f" {y}") for line, (_, y) in zip(lines, demos)):
-                raise ValueError(
-                    f"cannot find the demonstration labels in prompt {i} ({example.prompt!r}): pass corrupted="
-                    "make_examples(..., shuffle_labels=True) with the arguments that made the clean examples"
-                )
-            lines = [line[: len(line) - len(y)] + new for line, (_, y), (_, new) in zip(lines, demos, shuffled)] + [
-                lines[-1]
-            ]
-            prompt = "\n".join(lines)
-        out.append(replace(example, prompt=prompt, demos=shuffled))
-    return out

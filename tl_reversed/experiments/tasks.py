@@ -23,24 +23,38 @@ Everything is deterministic for a given ``seed``: all randomness comes from
 private :class:`random.Random` instances, never from the global generator.
 The data files ship inside the package (``tl_reversed/data``, MIT licensed;
 ``data/SOURCES.md`` names the upstream commits).
+
+Layout: the task registry, loading and the train/test split live in
+:mod:`tl_reversed.experiments.task_data` (re-exported here); this module builds
+prompts (:func:`icl_prompt`, :func:`relation_prompt`), examples (:func:`make_examples`,
+:func:`shuffled_labels`) and same-length groups.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
-from pathlib import Path
-from types import MappingProxyType
 from typing import Any, overload
 
 import pandas as pd
 
-from tl_reversed.core.options import SPLITS, Split, TaskKind, check_option
 from tl_reversed.core.checks import nonnegative_int
+from tl_reversed.core.options import SPLITS, Split, check_option
+from tl_reversed.experiments.task_data import (  # re-exported: tasks.<name> keeps working  # noqa: F401
+    DATA_DIR,
+    TASKS,
+    TEST_FRACTION,
+    Pair,
+    Task,
+    TaskInfo,
+    TaskKind,
+    as_task,
+    list_tasks,
+    load_task,
+    normalise_task_name,
+    train_test_split,
+)
 
 __all__ = [
     "DATA_DIR",
@@ -56,178 +70,9 @@ __all__ = [
     "normalise_task_name",
     "relation_prompt",
     "same_length_groups",
+    "shuffled_labels",
     "train_test_split",
 ]
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-"""Folder holding the packaged task files."""
-
-TEST_FRACTION = 1 / 3
-"""Share of each task's distinct pairs held out as test data (as in the paper)."""
-
-Pair = tuple[str, str]
-
-
-# --------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """Where a task lives: its canonical ``name``, ``kind`` and data ``path``.
-
-    ``path`` is relative to :data:`DATA_DIR`.
-    """
-
-    name: str
-    kind: TaskKind
-    path: str
-
-
-_ICL_TASKS = (
-    "adjective_v_verb_3",
-    "alphabetically_first_3",
-    "animal_v_object_3",
-    "antonym",
-    "capitalize",
-    "capitalize_first_letter",
-    "choose_middle_of_3",
-    "country-capital",
-    "english-french",
-    "next_item",
-    "person-sport",
-    "present-past",
-    "prev_item",
-    "singular-plural",
-    "synonym",
-    "landmark-country",
-    "next_capital_letter",
-)
-
-_RELATION_TASKS = {
-    "company_hq": "factual",
-    "landmark_in_country": "factual",
-    "person_plays_pro_sport": "factual",
-    "product_by_company": "factual",
-    "country_capital_city": "factual",
-    "verb_past_tense": "linguistic",
-}
-
-
-def _build_registry() -> dict[str, TaskInfo]:
-    """All packaged tasks, keyed by canonical name (the upstream file stem)."""
-    infos = [TaskInfo(name, "icl", f"function_vectors/{name}.json") for name in _ICL_TASKS]
-    infos += [
-        TaskInfo(name, "relation", f"relations/{category}/{name}.json")
-        for name, category in _RELATION_TASKS.items()
-    ]
-    return {info.name: info for info in sorted(infos, key=lambda info: info.name)}
-
-
-TASKS: MappingProxyType[str, TaskInfo] = MappingProxyType(_build_registry())
-"""Read-only mapping from canonical task name to :class:`TaskInfo`."""
-
-
-def normalise_task_name(name: str) -> str:
-    """Lower-case ``name`` and treat ``-``, ``_`` and spaces alike.
-
-    ``"Country-Capital"``, ``"country_capital"`` and ``"country capital"`` all
-    normalise to ``"country_capital"``.
-    """
-    return "_".join(name.strip().lower().replace("-", " ").replace("_", " ").split())
-
-
-_BY_NORMALISED = {normalise_task_name(name): name for name in TASKS}
-assert len(_BY_NORMALISED) == len(TASKS), "two task names normalise to the same key"
-
-
-def list_tasks() -> list[str]:
-    """Sorted canonical names of all packaged tasks."""
-    return sorted(TASKS)
-
-
-def _resolve_name(name: str) -> str:
-    """Canonical name for a user-typed task name; ValueError if unknown."""
-    key = normalise_task_name(name)
-    if key in _BY_NORMALISED:
-        return _BY_NORMALISED[key]
-    close = difflib.get_close_matches(key, list(_BY_NORMALISED), n=1, cutoff=0.5)
-    hint = f" Did you mean {_BY_NORMALISED[close[0]]!r}?" if close else ""
-    raise ValueError(
-        f"Unknown task {name!r}.{hint} Valid tasks (hyphens and underscores are "
-        f"interchangeable): {', '.join(list_tasks())}."
-    )
-
-
-# --------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Task:
-    """One task's distinct (input, output) pairs and, for relations, templates.
-
-    ``pairs`` keeps the first occurrence of every distinct pair in file order.
-    ``templates`` are the relation's few-shot cloze templates
-    (``prompt_templates``) and ``zs_templates`` its zero-shot ones
-    (``prompt_templates_zs``); both are empty for ICL tasks, whose prompt format
-    is fixed (:func:`icl_prompt`).
-    """
-
-    name: str
-    kind: TaskKind
-    pairs: tuple[Pair, ...]
-    templates: tuple[str, ...] = ()
-    zs_templates: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-
-def _read_json(relative_path: str) -> Any:
-    """Parse a packaged data file."""
-    with open(DATA_DIR / relative_path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def _dedupe(pairs: Iterable[Pair]) -> tuple[Pair, ...]:
-    """Drop repeated pairs, keeping first occurrences in order."""
-    return tuple(dict.fromkeys(pairs))
-
-
-@lru_cache(maxsize=None)
-def _load_canonical(name: str) -> Task:
-    """Read and cache the task with canonical ``name``."""
-    info = TASKS[name]
-    data = _read_json(info.path)
-    if info.kind == "icl":
-        pairs = _dedupe((record["input"], record["output"]) for record in data)
-        return Task(name, "icl", pairs)
-    pairs = _dedupe((sample["subject"], sample["object"]) for sample in data["samples"])
-    return Task(
-        name,
-        "relation",
-        pairs,
-        templates=tuple(data["prompt_templates"]),
-        zs_templates=tuple(data["prompt_templates_zs"]),
-    )
-
-
-def load_task(name: str) -> Task:
-    """Load a packaged task by name (hyphens/underscores/case ignored).
-
-    Raises ValueError naming the valid tasks, and the closest one, when
-    ``name`` is unknown.
-    """
-    return _load_canonical(_resolve_name(name))
-
-
-def _as_task(task: str | Task) -> Task:
-    """Accept a task name or an already loaded :class:`Task`."""
-    return task if isinstance(task, Task) else load_task(task)
-
 
 # --------------------------------------------------------------------------
 # Prompt formats
@@ -361,29 +206,6 @@ class ExampleSet:
         return pd.DataFrame(rows, columns=columns)
 
 
-def _n_test(n_pairs: int) -> int:
-    """Size of the held-out test set: a third, at least one pair on each side."""
-    if n_pairs < 2:
-        return 0
-    return min(max(round(n_pairs * TEST_FRACTION), 1), n_pairs - 1)
-
-
-def train_test_split(task: str | Task, seed: int = 0) -> tuple[tuple[Pair, ...], tuple[Pair, ...]]:
-    """Seeded split of a task's distinct pairs into ``(train, test)``.
-
-    The pairs are shuffled with ``random.Random(seed)``; the first third
-    (rounded) is the test set, the rest the training set. Both keep the shuffled
-    order, are disjoint and together hold every pair.
-    """
-    pairs = _as_task(task).pairs
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_test = _n_test(len(pairs))
-    test = tuple(pairs[i] for i in order[:n_test])
-    train = tuple(pairs[i] for i in order[n_test:])
-    return train, test
-
-
 def _draw_demos(
     rng: random.Random,
     train: Sequence[Pair],
@@ -409,11 +231,55 @@ def _draw_demos(
     return [train[i] for i in picks]
 
 
-def _shuffle_outputs(rng: random.Random, demos: list[Pair]) -> list[Pair]:
+def _shuffle_outputs(rng: random.Random, demos: Sequence[Pair]) -> tuple[Pair, ...]:
     """Permute the outputs among the demonstrations, inputs staying in place."""
     outputs = [y for _, y in demos]
     rng.shuffle(outputs)
-    return [(x, y) for (x, _), y in zip(demos, outputs)]
+    return tuple((x, y) for (x, _), y in zip(demos, outputs))
+
+
+def shuffled_labels(
+    examples: Iterable[Example], seed: int = 0, *, build_prompt: Any = None
+) -> list[Example]:
+    """The same examples with their demonstrations' outputs permuted (Todd et al.'s corruption).
+
+    The one implementation of the label shuffle: ``make_examples(...,
+    shuffle_labels=True)`` is ``shuffled_labels`` of the clean examples of every query
+    (before the one-token filter and ``n``), so it equals ``shuffled_labels(make_examples(...),
+    seed)`` whenever no example was dropped. One seeded generator walks the examples in
+    order. Without ``build_prompt(demos, x)`` the prompt is rebuilt in the ICL format
+    or, for a relation format, by replacing each demonstration line's label.
+    """
+    rng = random.Random(f"tl_reversed.experiments.tasks:labels:{seed}")
+    out = []
+    for i, example in enumerate(examples):
+        if not hasattr(example, "demos"):
+            raise TypeError(
+                "cannot shuffle labels of plain (prompt, target) pairs: pass corrupted=... "
+                "(make_examples(..., shuffle_labels=True))"
+            )
+        demos = tuple(example.demos)
+        shuffled = _shuffle_outputs(rng, demos)
+        if build_prompt is not None:
+            prompt = build_prompt(list(shuffled), example.x)
+        elif example.prompt == icl_prompt(demos, example.x):
+            prompt = icl_prompt(shuffled, example.x)
+        else:
+            prompt = _relabel_lines(example.prompt, demos, shuffled, i)
+        out.append(replace(example, prompt=prompt, demos=shuffled))
+    return out
+
+
+def _relabel_lines(prompt: str, demos: Sequence[Pair], shuffled: Sequence[Pair], i: int) -> str:
+    """A relation prompt (one demonstration per line, then the query) with new labels."""
+    lines = prompt.split("\n")
+    if len(lines) != len(demos) + 1 or not all(line.endswith(f" {y}") for line, (_, y) in zip(lines, demos)):
+        raise ValueError(
+            f"cannot find the demonstration labels in prompt {i} ({prompt!r}): pass corrupted="
+            "make_examples(..., shuffle_labels=True) with the arguments that made the clean examples"
+        )
+    new = [line[: len(line) - len(y)] + y_new for line, (_, y), (_, y_new) in zip(lines, demos, shuffled)]
+    return "\n".join(new + [lines[-1]])
 
 
 def _queries(train: tuple[Pair, ...], test: tuple[Pair, ...], split: str) -> tuple[Pair, ...]:
@@ -470,7 +336,7 @@ def make_examples(
     The order of the examples follows the seeded shuffle, so the first ``n``
     are a random sample, and a smaller ``n`` gives a prefix of a larger one.
     """
-    task = _as_task(task)
+    task = as_task(task)
     shots = nonnegative_int(shots, "shots")
     n = None if n is None else nonnegative_int(n, "n")
     build_prompt = _prompt_builder(task, template)
@@ -481,14 +347,13 @@ def make_examples(
     for i, (x, _) in enumerate(train):
         indices_by_input.setdefault(x, set()).add(i)
     demo_rng = random.Random(f"tl_reversed.experiments.tasks:demos:{seed}")
-    label_rng = random.Random(f"tl_reversed.experiments.tasks:labels:{seed}")
 
     examples = []
     for x, y in queries:
         demos = _draw_demos(demo_rng, train, indices_by_input, x, shots)
-        if shuffle_labels:
-            demos = _shuffle_outputs(label_rng, demos)
         examples.append(Example(build_prompt(demos, x), _target(y), x, y, tuple(demos)))
+    if shuffle_labels:  # before any filtering, so the shuffle of a query never depends on the model
+        examples = shuffled_labels(examples, seed, build_prompt=build_prompt)
 
     dropped = 0
     if model is not None:

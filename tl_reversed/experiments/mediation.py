@@ -1,0 +1,180 @@
+"""Pass-engine sinks of the causal-mediation (CM1, CM2) and attribution-patching (AtP) rankings.
+
+The methods themselves are registered in :mod:`tl_reversed.experiments.ranking`; each
+runs these sinks through :func:`tl_reversed.core.engine.run`:
+
+* :class:`SweepHeads` (forward only): per chunk, TransformerLens' activation-patching
+  sweep over every head (``generic_activation_patch``), summed over examples;
+* :class:`MeanZAtLast` (forward only): each head's mean ``hook_z`` at the last prompt token;
+* :class:`AttributionPatching` (backward, metric ``p(target)``): ``(z_clean - z_corrupt) . grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from tl_reversed.core.architecture import Model, ModelSpec, attn_hook
+from tl_reversed.core.engine import Chunk, Hook, forward_last, model_device
+from tl_reversed.core.inputs import Batch
+from tl_reversed.experiments.evaluation import target_probs
+
+
+
+
+def _p_target_metric(sub: Batch):
+    """``logits -> p(first target token)`` at each row's last prompt token, for one sub-batch."""
+
+    def metric(logits: Tensor) -> Tensor:
+        rows = torch.arange(len(sub), device=logits.device)
+        return target_probs(logits[rows, sub.last.to(logits.device)], sub)
+
+    return metric
+
+
+def _sweep_heads(model: Model, tokens: Tensor, cache: dict, metric, setter) -> tuple[Tensor, Tensor]:
+    """One TransformerLens activation-patching sweep over every (layer, head).
+
+    Returns the per-example metric ``[layer, head, batch]`` and the unpatched baseline ``[batch]``
+    (under TransformerLens 2.x/3.x, whose sweep takes scalar metrics: the batch sums,
+    ``[layer, head, 1]`` and ``[1]``).
+    """
+    import inspect
+
+    from transformer_lens.patching import generic_activation_patch
+
+    with torch.no_grad():
+        if "reduce" in inspect.signature(generic_activation_patch).parameters:  # TransformerLens 4.x
+            result = generic_activation_patch(
+                model,
+                tokens,
+                cache,
+                metric,
+                setter,
+                "z",
+                index_axis_names=["layer", "head"],
+                reduce="none",
+                baseline=True,
+            )
+            return result.values.float().cpu(), result.baseline.float().cpu()
+        # TransformerLens 2.x/3.x: the metric must be a scalar, so sum over the batch
+        summed = generic_activation_patch(
+            model, tokens, cache, lambda logits: metric(logits).sum(), setter, "z", index_axis_names=["layer", "head"]
+        )
+        baseline = metric(model(tokens)).sum()
+    return summed.float().cpu()[..., None], baseline.float().cpu()[None]
+
+
+class SweepHeads:
+    """Forward-only sink: each chunk's activation-patching sweep over every head (CM1, CM2).
+
+    ``merge`` runs TransformerLens' sweep on the chunk's rows (one forward per head plus
+    its own unpatched baseline; the engine's forward of the chunk is not used, so the
+    scores are those of the sweep alone) and sums ``baseline - patched`` (``drop``) or
+    ``patched - baseline`` over the examples.
+    """
+
+    def __init__(self, model: Model, spec: ModelSpec, cache: dict, setter_for: Callable[[Batch], Callable], *, drop: bool):
+        self.model, self.cache, self.setter_for, self.drop = model, cache, setter_for, drop
+        self.total = torch.zeros(spec.n_layers, spec.n_heads)
+        self.base, self.n = 0.0, 0
+
+    def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
+        return [], []
+
+    def merge(self, chunk: Chunk) -> None:
+        sub = chunk.batch
+        tokens = sub.tokens.to(model_device(self.model))
+        values, baseline = _sweep_heads(self.model, tokens, self.cache, _p_target_metric(sub), self.setter_for(sub))
+        self.total += (baseline - values).sum(-1) if self.drop else (values - baseline).sum(-1)
+        self.base += float(baseline.sum())
+        self.n += len(sub)
+
+    def finish(self) -> tuple[Float[Tensor, "layer head"], float]:
+        return self.total / self.n, self.base / self.n
+
+
+class MeanZAtLast:
+    """Forward-only sink: each head's ``hook_z`` at the last prompt token, averaged over the prompts."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.total = torch.zeros(spec.n_layers, spec.n_heads, spec.d_head)
+        self.n = 0
+
+    def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
+        last = chunk.batch.last
+
+        def sum_at_last(layer: int):
+            def hook(z: Tensor, hook: object) -> None:
+                at = last.to(z.device)
+                self.total[layer] += z[torch.arange(z.shape[0], device=z.device), at].float().sum(0).cpu()
+
+            return hook
+
+        return [(attn_hook(layer, "z"), sum_at_last(layer)) for layer in range(self.spec.n_layers)], []
+
+    def merge(self, chunk: Chunk) -> None:
+        self.n += len(chunk.batch)
+
+    def finish(self) -> Float[Tensor, "layer head d_head"]:
+        return self.total / self.n
+
+
+def _keep(store: dict[int, Tensor], layer: int):
+    def hook(x: Tensor, hook: object) -> None:
+        store[layer] = x.detach().float().cpu()
+
+    return hook
+
+
+class AttributionPatching:
+    """Backward-pass sink of AtP on the corrupted rows, with its metric ``p(target)``.
+
+    For each chunk of corrupted rows, ``hooks`` first runs the clean rows of the same
+    examples forward (keeping ``hook_z``), then hooks ``hook_z`` and its gradient on the
+    corrupted pass; ``merge`` adds ``(z_clean - z_corrupt) . grad`` per head. ``metric``
+    is ``p(first target token)`` of the chunk the engine is running.
+    """
+
+    def __init__(self, model: Model, spec: ModelSpec, clean: Batch, position: str):
+        self.model, self.spec, self.clean, self.position = model, spec, clean, position
+        self.effect = torch.zeros(spec.n_layers, spec.n_heads)
+        self.base, self.n = 0.0, 0
+        self._sub: Batch | None = None
+
+    def metric(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        assert self._sub is not None
+        return _p_target_metric(self._sub)(logits)
+
+    def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
+        layers = range(self.spec.n_layers)
+        self._sub, self._clean_sub = chunk.batch, self.clean.rows(chunk.index.tolist())
+        self.z_clean: dict[int, Tensor] = {}
+        forward_last(self.model, self._clean_sub, [(attn_hook(layer, "z"), _keep(self.z_clean, layer)) for layer in layers])
+        self.z_bad: dict[int, Tensor] = {}
+        self.grads: dict[int, Tensor] = {}
+        fwd = [(attn_hook(layer, "z"), _keep(self.z_bad, layer)) for layer in layers]
+        bwd = [(attn_hook(layer, "z"), _keep(self.grads, layer)) for layer in layers]
+        return fwd, bwd
+
+    def merge(self, chunk: Chunk) -> None:
+        assert chunk.loss is not None
+        sub_bad, sub_clean = chunk.batch, self._clean_sub
+        self.base += float(chunk.loss.sum())
+        self.n += len(sub_bad)
+        rows = torch.arange(len(sub_bad))
+        for layer in range(self.spec.n_layers):
+            grad = self.grads[layer]
+            if self.position == "last":
+                diff = self.z_clean[layer][rows, sub_clean.last] - self.z_bad[layer][rows, sub_bad.last]
+                self.effect[layer] += (diff * grad[rows, sub_bad.last]).sum((0, -1))  # [batch, head, d_head]
+            else:
+                width = sub_bad.tokens.shape[1]
+                self.effect[layer] += ((self.z_clean[layer][:, :width] - self.z_bad[layer]) * grad).sum((0, 1, -1))
+
+    def finish(self) -> tuple[Float[Tensor, "layer head"], float]:
+        return self.effect / self.n, self.base / self.n
