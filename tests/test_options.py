@@ -54,7 +54,7 @@ def test_the_library_uses_the_same_tuples():
     from tl_reversed.experiments import attention_patching, ranking, tasks
     from tl_reversed.lens import backward_lens
 
-    assert ranking.METHODS is options.METHODS
+    assert ranking.METHODS == options.METHODS  # the live registry starts with the built-in methods
     assert ranking.POSITIONS is options.POSITIONS
     assert architecture.LENS_SITES is options.SITES
     assert architecture.WEIGHT_MATRICES is options.MATRICES

@@ -15,6 +15,7 @@ order and reversed. Writes, under ``--out``::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from tl_reversed.commands.common import (
@@ -26,17 +27,27 @@ from tl_reversed.commands.common import (
     markdown_table,
     writable_folder,
 )
-from tl_reversed.core.options import METHODS
+from tl_reversed.core import options
 
 DEFAULT_METHODS = "ra,fa,cm1,cm2,atp,random,index"
 """The paper's seven rankings; ``--methods`` accepts every method in the registry (``ranking.METHODS``)."""
 METHOD_NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP", "random": "Random", "index": "Index"}
 
 
+def known_methods() -> tuple[str, ...]:
+    """The registered ranking methods, without importing torch for ``--help``.
+
+    Methods are registered in :mod:`tl_reversed.experiments.ranking`; until that module is
+    imported (a plugin registering a method imports it), the registry holds the built-in
+    methods, :data:`tl_reversed.core.options.METHODS`.
+    """
+    ranking = sys.modules.get("tl_reversed.experiments.ranking")
+    return tuple(ranking.METHODS) if ranking is not None else options.METHODS
+
+
 def method_list(text: str) -> list[str]:
     """``"ra,cm1"`` -> ``["ra", "cm1"]``, checked against the registered methods (argparse type)."""
-    from tl_reversed.experiments.ranking import METHODS
-
+    METHODS = known_methods()
     values = [part.strip().lower() for part in text.split(",") if part.strip()]
     unknown = [v for v in values if v not in METHODS]
     if unknown or not values:
@@ -55,13 +66,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--task", required=True, help="task name, e.g. capitalize (see tl_reversed.experiments.tasks.list_tasks())")
     parser.add_argument("--shots", type=int_list, default=[0, 1, 5, 10], help="shot counts (default 0,1,5,10)")
-    from tl_reversed.experiments.ranking import METHODS
-
     parser.add_argument(
         "--methods",
         type=method_list,
         default=method_list(DEFAULT_METHODS),
-        help=f"rankings, comma-separated, from {','.join(METHODS)} (default {DEFAULT_METHODS})",
+        help=f"rankings, comma-separated, from {','.join(known_methods())} (default {DEFAULT_METHODS})",
     )
     parser.add_argument("--n", type=int, default=50, help="test prompts for the perturbation curves (default 50)")
     parser.add_argument("--n-score", type=int, default=25, help="training prompts the heads are scored on (default 25, as the paper)")
