@@ -139,3 +139,19 @@ def test_the_console_check_sees_script_errors(browser, tmp_path):
     page.write_text("<!DOCTYPE html><html><body><p>x</p><script>undefinedFunction()</script></body></html>")
     open_page(browser, page)
     assert any("undefinedFunction" in entry["message"] for entry in severe(browser))
+
+
+def test_two_maps_in_one_notebook_page_both_render(demo, browser, tmp_path):
+    """A notebook shows ``_repr_html_`` output of several results in one document."""
+    page = tmp_path / "notebook.html"
+    result = demo.results[" Paris"]
+    cells = "".join(f"<div class='cell'>{result._repr_html_()}</div>" for _ in range(2))
+    page.write_text(f"<!DOCTYPE html><html><body>{cells}</body></html>", encoding="utf-8")
+    open_page(browser, page)
+    # every CircuitsVis view of both copies renders its own canvases
+    wait_for_canvases(browser, ".cell canvas", 4)
+    counts = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.tlr-page')).map(p => p.querySelectorAll('canvas').length)"
+    )
+    assert len(counts) == 2 and counts[0] == counts[1] and counts[0] >= 4, counts
+    assert severe(browser) == []

@@ -62,7 +62,9 @@ _RENDER = """
   for (const id of %s) {
     const props = JSON.parse(root.querySelector('[id="' + id + '-props"]').textContent);
     const target = root.querySelector('[id="' + id + '"]');
-    target.id = id + "-" + Math.random().toString(36).slice(2);
+    if (document.querySelectorAll('[id="' + id + '"]').length > 1) {  // another page's view holds this id
+      target.id = id + "-" + Math.random().toString(36).slice(2);
+    }
     CircuitsVis.render(target.id, CircuitsVis.AttentionHeads, props);
   }
 })();
