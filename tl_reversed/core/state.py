@@ -5,14 +5,36 @@ the duration (the backward pass flows from the embeddings instead, so no weight
 gradient is ever computed), the model is put in eval mode, and on the way out,
 also after an exception, every ``requires_grad`` flag, every ``.grad``, every
 module's train/eval mode and the set of hooks on each hook point are restored.
+
+Threads: each model has its own re-entrant lock, held for the whole guarded block, so
+calls on one model from several threads run one after the other (each sees and leaves
+the model as it found it), while calls on different models still run side by side.
+Nesting :func:`untouched` in one thread is fine. The locks live in a
+``weakref.WeakKeyDictionary`` keyed by the model (nothing is stored on the model) and
+go away with it. Hooks or flags that other code changes on the model from another
+thread, outside tl_reversed's calls, are not guarded.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+_locks: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The re-entrant lock that :func:`untouched` holds on ``model`` (one per model)."""
+    with _locks_guard:
+        lock = _locks.get(model)
+        if lock is None:
+            lock = _locks[model] = threading.RLock()
+        return lock
 
 
 def _hook_handles(model: torch.nn.Module) -> dict[str, tuple[int, int, int, int]]:
@@ -52,7 +74,18 @@ def _modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 @contextmanager
 def untouched(model: torch.nn.Module) -> Iterator[None]:
-    """Run a block with frozen parameters in eval mode, then restore everything."""
+    """Run a block with frozen parameters in eval mode, then restore everything.
+
+    Holds the model's lock (:func:`model_lock`) throughout: another thread's call on the
+    same model waits until this block has restored it.
+    """
+    with model_lock(model):
+        with _frozen(model):
+            yield
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
