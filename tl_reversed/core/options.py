@@ -19,6 +19,12 @@ Keep = Literal["maps", "norms"]
 """What :func:`tl_reversed.reversed_attention` keeps: full RA maps or their norms only."""
 KEEP: tuple[str, ...] = get_args(Keep)
 
+RAPath = Literal["auto", "standard", "bounded"]
+"""How :func:`tl_reversed.reversed_attention` runs: the model's own pass (``"standard"``), the
+memory-bounded pass that recomputes one block at a time (``"bounded"``), or whichever the
+estimated memory of the stored attention patterns calls for (``"auto"``)."""
+RA_PATHS: tuple[str, ...] = get_args(RAPath)
+
 LensKeep = Literal["vectors", "tokens"]
 """What :func:`tl_reversed.backward_lens` keeps: the VJP vectors or only their top tokens."""
 LENS_KEEP: tuple[str, ...] = get_args(LensKeep)

@@ -13,7 +13,7 @@ along ``-RA``: where RA is negative, the step raises attention to that key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import einops
@@ -25,10 +25,13 @@ from torch import Tensor
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
 from tl_reversed.core import memory
 from tl_reversed.core.checks import check_layers  # noqa: F401 (also imported from here)
+from tl_reversed.core.bounded import checkpointed_blocks, choose_path, standard_pattern_bytes
 from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
-from tl_reversed.core.options import KEEP, Keep, check_option
+from tl_reversed.core.options import KEEP, RA_PATHS, Keep, RAPath, check_option
 from tl_reversed.core.results import Result
+from tl_reversed.core.state import model_lock
+from tl_reversed.core.rows import QueryPositions, query_rows, reduce_layer
 
 
 def ra_from_parts(
@@ -66,9 +69,12 @@ class ReversedAttention(Result):
         str_tokens: the input tokens as strings, one list per example (no padding).
         layers: the model layers along the ``layer`` axis.
         maps: RA ``[batch, layer, head, query_pos, key_pos]`` (``keep="maps"`` only), zero
-            on padding.
+            on padding; with ``query_positions``, the kept rows ``[batch, layer, head, row, key_pos]``.
         pattern: forward attention, same shape (``keep="maps"`` only).
         prompts, targets: the strings given, if any.
+        query_positions: ``None`` for whole maps, else the query position of each kept row
+            ``[batch, row]`` (``-1`` where an example keeps fewer rows). The norms are then
+            those of the kept rows, not of the whole maps.
     """
 
     norms: Float[Tensor, "batch layer head"]
@@ -83,6 +89,7 @@ class ReversedAttention(Result):
     prompts: list[str] | None = None
     targets: list[str] | None = None
     scales: tuple[float, ...] = field(default=(), repr=False)
+    query_positions: Int[Tensor, "batch row"] | None = None
 
     def __len__(self) -> int:
         return self.norms.shape[0]
@@ -121,13 +128,23 @@ class ReversedAttention(Result):
             raise IndexError(f"example {example} out of range for {len(self)} examples")
         return example % len(self)
 
+    def rows(self, example: int = 0) -> list[int]:
+        """The query position of each row :meth:`head` returns (every position for whole maps)."""
+        i = self._example(example)
+        if self.query_positions is None:
+            return list(range(int(self.lengths[i])))
+        return [int(p) for p in self.query_positions[i] if p >= 0]
+
     def head(self, layer: int, head: int, example: int = 0) -> Float[Tensor, "query_pos key_pos"]:
-        """RA map of one head for one example, trimmed to the example's real tokens."""
+        """RA map of one head for one example, trimmed to the example's real tokens.
+
+        With ``query_positions``, the kept rows ``[row, key_pos]`` (positions in :meth:`rows`).
+        """
         if self.maps is None:
             raise ValueError("this result kept only norms: call reversed_attention(..., keep='maps')")
         i = self._example(example)
         n = int(self.lengths[i])
-        return self.maps[i, self._layer_index(layer), self._head_index(head), :n, :n]
+        return self.maps[i, self._layer_index(layer), self._head_index(head), : len(self.rows(i)), :n]
 
     def head_pattern(self, layer: int, head: int, example: int = 0) -> Float[Tensor, "query_pos key_pos"]:
         """Forward attention of one head for one example, trimmed like :meth:`head`."""
@@ -135,7 +152,7 @@ class ReversedAttention(Result):
             raise ValueError("this result kept only norms: call reversed_attention(..., keep='maps')")
         i = self._example(example)
         n = int(self.lengths[i])
-        return self.pattern[i, self._layer_index(layer), self._head_index(head), :n, :n]
+        return self.pattern[i, self._layer_index(layer), self._head_index(head), : len(self.rows(i)), :n]
 
     def describe_head(self, layer: int, head: int, example: int = 0, k: int = 3, min_share: float = 0.01) -> dict:
         """The query row that dominates a head's map and the keys it pushes up and down most.
@@ -143,12 +160,15 @@ class ReversedAttention(Result):
         A descent step moves attention along ``-RA``: the most negative entries of the
         dominant row are the keys the step attends to more ("up"), the most positive the
         keys it attends to less ("down"). Entries smaller than ``min_share`` times the
-        row's largest magnitude are left out (noise, not a push).
+        row's largest magnitude are left out (noise, not a push). With ``query_positions``
+        the dominant row is chosen among the kept rows.
         """
         ra = self.head(layer, head, example)
         tokens = self.str_tokens[self._example(example)]
-        row = int(ra.norm(dim=-1).argmax())
-        values = ra[row, : row + 1]
+        positions = self.rows(example)
+        index = int(ra.norm(dim=-1).argmax())
+        row = positions[index]
+        values = ra[index, : row + 1]
         k = min(k, row + 1)
         up = values.argsort()[:k].tolist()
         down = values.argsort(descending=True)[:k].tolist()
@@ -204,17 +224,32 @@ class RASink:
     hook on ``hook_z`` turns them and the gradient into RA (:func:`ra_from_parts`) and
     keeps the norms, and the maps with ``keep="maps"``, of the chunk; ``merge`` scatters
     them into the rows of the whole batch, ``finish`` returns a :class:`ReversedAttention`.
+
+    ``rows`` (:func:`tl_reversed.core.rows.query_rows`) keeps only those query rows;
+    ``gate(layer)``, when given, says whether the forward hooks of a layer keep its
+    tensors now (the memory-bounded pass keeps them only while a block is recomputed).
     """
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, layers: list[int], batch: Batch, keep: str):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: ModelSpec,
+        layers: list[int],
+        batch: Batch,
+        keep: str,
+        *,
+        rows: Tensor | None = None,
+        gate: Callable[[int], bool] | None = None,
+    ):
         n, width = batch.tokens.shape
         param = next(model.parameters())
         self.model, self.spec, self.layers, self.batch, self.keep = model, spec, layers, batch, keep
+        self.rows, self.gate = rows, gate
         self.device = param.device
         self.dtype = accumulation_dtype(param.dtype)
         self.norms = torch.zeros(n, len(layers), spec.n_heads, dtype=self.dtype)
         self.pattern_norms = torch.zeros_like(self.norms)
-        shape = (n, len(layers), spec.n_heads, width, width)
+        shape = (n, len(layers), spec.n_heads, width if rows is None else rows.shape[1], width)
         self.maps = torch.zeros(shape, dtype=self.dtype) if keep == "maps" else None
         self.pattern = torch.zeros(shape, dtype=self.dtype) if keep == "maps" else None
         self.loss = torch.zeros(n, dtype=self.dtype)
@@ -222,19 +257,22 @@ class RASink:
 
     def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
         n, width = chunk.batch.tokens.shape
-        mask = chunk.batch.key_mask().to(self.device, self.dtype)[:, None]
+        lengths = chunk.batch.lengths
+        rows = None if self.rows is None else self.rows[chunk.index]
         saved: dict[tuple[str, int], Tensor] = {}
         out = self._chunk = {
             "norms": torch.zeros(n, len(self.layers), self.spec.n_heads, dtype=self.dtype),
             "pattern_norms": torch.zeros(n, len(self.layers), self.spec.n_heads, dtype=self.dtype),
         }
         if self.keep == "maps":
-            out["maps"] = torch.zeros(n, len(self.layers), self.spec.n_heads, width, width, dtype=self.dtype)
+            n_rows = width if rows is None else rows.shape[1]
+            out["maps"] = torch.zeros(n, len(self.layers), self.spec.n_heads, n_rows, width, dtype=self.dtype)
             out["pattern"] = torch.zeros_like(out["maps"])
 
         def save(name: str, layer: int) -> Hook:
             def hook(x: Tensor, hook: object) -> None:
-                saved[(name, layer)] = x.detach()
+                if self.gate is None or self.gate(layer):
+                    saved[(name, layer)] = x.detach()
 
             return attn_hook(layer, name), hook
 
@@ -242,13 +280,10 @@ class RASink:
             def hook(grad: Tensor, hook: object) -> None:
                 pattern = saved.pop(("pattern", layer))
                 v = saved.pop(("v", layer))
-                ra = ra_from_parts(pattern, v, grad, self.spec.scales[layer]) * mask
-                forward = pattern.to(mask.dtype) * mask
-                out["norms"][:, i] = ra.flatten(-2).norm(dim=-1).cpu()
-                out["pattern_norms"][:, i] = forward.flatten(-2).norm(dim=-1).cpu()
-                if "maps" in out:
-                    out["maps"][:, i] = ra.cpu()
-                    out["pattern"][:, i] = forward.cpu()
+                parts = reduce_layer(pattern, v, grad, self.spec.scales[layer], lengths, rows, "maps" in out)
+                del pattern, v
+                for name, value in parts.items():
+                    out[name][:, i] = value
 
             return attn_hook(layer, "z"), hook
 
@@ -262,9 +297,9 @@ class RASink:
         if chunk.loss is not None:
             self.loss[idx] = chunk.loss.to(self.dtype)
         if self.maps is not None and self.pattern is not None:
-            w = out["maps"].shape[-1]
-            self.maps[idx, :, :, :w, :w] = out["maps"]
-            self.pattern[idx, :, :, :w, :w] = out["pattern"]
+            r, w = out["maps"].shape[-2:]
+            self.maps[idx, :, :, :r, :w] = out["maps"]
+            self.pattern[idx, :, :, :r, :w] = out["pattern"]
         self._chunk = {}
 
     def finish(self) -> ReversedAttention:
@@ -282,6 +317,7 @@ class RASink:
             prompts=batch.prompts,
             targets=batch.target_strings,
             scales=self.spec.scales,
+            query_positions=self.rows,
         )
 
 
@@ -297,6 +333,8 @@ def reversed_attention(
     progress: bool | None = None,
     extra_hooks: Sequence = (),
     memory_check: bool = True,
+    query_positions: QueryPositions = None,
+    path: RAPath = "auto",
 ) -> ReversedAttention:
     """Reversed Attention of every head for prompts and targets.
 
@@ -317,6 +355,16 @@ def reversed_attention(
         memory_check: estimate the peak memory first (:mod:`tl_reversed.core.memory`) and raise
             :class:`~tl_reversed.core.memory.WouldRunOutOfMemory` before any pass where it exceeds
             the memory available; ``False`` skips the check (the estimate is within ~30%).
+        query_positions: ``None`` keeps whole maps; ``"last"`` (the last prompt token),
+            ``"targets"`` (the positions that predict the target tokens) or a list of
+            positions keeps only those query rows: maps ``[batch, layer, head, row, key_pos]``
+            and norms of the kept rows (see :mod:`tl_reversed.core.rows`).
+        path: ``"standard"`` runs the model's own pass (every layer's pattern kept for the
+            backward); ``"bounded"`` checkpoints every block and reduces RA while the block
+            is recomputed, so one layer's pattern is alive at a time
+            (:mod:`tl_reversed.core.bounded`); ``"auto"`` (default) takes the bounded path
+            for norms or query rows when the patterns the standard pass would keep exceed
+            1 GiB (:data:`tl_reversed.core.bounded.BOUNDED_ABOVE_BYTES`). Both give the same RA.
 
     Returns:
         A :class:`ReversedAttention` result.
@@ -324,14 +372,26 @@ def reversed_attention(
     spec = describe(model)
     chosen = check_layers(layers, spec)
     check_option("keep", keep, KEEP)
+    check_option("path", path, RA_PATHS)
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
-    if memory.enabled(memory_check):
-        parts = batch.chunks(batch_size, same_length=metric is not None)
-        memory.check_pass(model, batch, parts, what="reversed_attention", keep=keep, kept_layers=len(chosen),
-                          full_logits=metric is not None)  # fmt: skip
-    sink = RASink(model, spec, chosen, batch, keep)
-    run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
-        progress=progress, desc="reversed attention")  # fmt: skip
+    rows = query_rows(query_positions, batch)
+    per_pass = len(batch) if batch_size is None else min(len(batch), batch_size)
+    dtype = next(model.parameters()).dtype
+    estimate = standard_pattern_bytes(spec, spec.n_layers, per_pass, batch.tokens.shape[1], dtype)
+    if choose_path(path, keep, query_positions, estimate) == "standard":
+        if memory.enabled(memory_check):
+            parts = batch.chunks(batch_size, same_length=metric is not None)
+            memory.check_pass(model, batch, parts, what="reversed_attention", keep=keep, kept_layers=len(chosen),
+                              full_logits=metric is not None)  # fmt: skip
+        sink = RASink(model, spec, chosen, batch, keep, rows=rows)
+        run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+            progress=progress, desc="reversed attention")  # fmt: skip
+        return sink.finish()
+    # the bounded path keeps one layer's activations at a time: the standard estimate does not apply
+    with model_lock(model), checkpointed_blocks(model) as state:  # the lock: no other thread sees the swapped forwards
+        sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=state.recomputing)
+        run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+            progress=progress, desc="reversed attention")  # fmt: skip
     return sink.finish()
 
 

@@ -135,6 +135,19 @@ def _head_table(result: ReversedAttention, heads: list[tuple[int, int]], example
     return f"<table>{header}{''.join(rows)}</table>"
 
 
+def _square(result: ReversedAttention, rows: Tensor, example: int) -> Tensor:
+    """A map of chosen query rows placed in the ``[query_pos, key_pos]`` square (other rows 0).
+
+    The page's CircuitsVis view needs square maps; whole maps pass through unchanged.
+    """
+    if result.query_positions is None:
+        return rows
+    n = rows.shape[-1]
+    square = torch.zeros(n, n, dtype=rows.dtype)
+    square[result.rows(example)] = rows
+    return square
+
+
 def render_html(
     result: ReversedAttention,
     heads: Sequence[tuple[int, int]] | None = None,
@@ -147,8 +160,8 @@ def render_html(
     chosen = _heads(result, heads)
     i = result._example(example)
     tokens = list(result.str_tokens[i])
-    ra = torch.stack([result.head(layer, head, i) for layer, head in chosen])
-    fa = torch.stack([result.head_pattern(layer, head, i) for layer, head in chosen])
+    ra = torch.stack([_square(result, result.head(layer, head, i), i) for layer, head in chosen])
+    fa = torch.stack([_square(result, result.head_pattern(layer, head, i), i) for layer, head in chosen])
     names = [f"L{layer}H{head}" for layer, head in chosen]
     ra_props = {
         "attention": _rounded(normalise_per_head(ra)),
@@ -177,6 +190,8 @@ def render_html(
     if loss == loss:  # not NaN (results from ra_from_cache carry no loss)
         about += f"loss {loss:.3f}, "
     about += f"{len(chosen)} head{'s' if len(chosen) != 1 else ''} shown"
+    if result.query_positions is not None:
+        about += f" (query rows {result.rows(i)} only: the other rows were not computed and show 0)"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

@@ -65,12 +65,25 @@ def symmetric_limit(*maps: np.ndarray | torch.Tensor) -> float:
     return biggest if biggest > 0 else 1e-12
 
 
-def _causal(matrix: Float[torch.Tensor, "query_pos key_pos"] | np.ndarray) -> np.ma.MaskedArray:
-    """The matrix as a masked array with the strict upper triangle (future keys) masked."""
+def _causal(
+    matrix: Float[torch.Tensor, "query_pos key_pos"] | np.ndarray, rows: Sequence[int] | None = None
+) -> np.ma.MaskedArray:
+    """The matrix as a masked array with the strict upper triangle (future keys) masked.
+
+    ``rows``: the query position of each row (maps of chosen query rows); keys after it are masked.
+    """
     data = matrix.detach().cpu().float().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix)
     n_query, n_key = data.shape
+    if rows is not None:
+        future = np.arange(n_key)[None, :] > np.asarray(rows)[:, None]
+        return np.ma.masked_array(data, mask=future)
     future = np.triu(np.ones((n_query, n_key), dtype=bool), k=1 + n_key - n_query)
     return np.ma.masked_array(data, mask=future)
+
+
+def _rows(result: ReversedAttention, example: int) -> list[int] | None:
+    """The kept query positions of a result of chosen rows, ``None`` for whole maps."""
+    return None if result.query_positions is None else result.rows(example)
 
 
 def _cmap(name: str):
@@ -79,11 +92,13 @@ def _cmap(name: str):
     return colormaps[name].with_extremes(bad=MASKED_COLOR)
 
 
-def _label_tokens(ax: Axes, tokens: Sequence[str], fontsize: float = 8) -> None:
-    """Token labels on both axes: keys along x (rotated), queries along y."""
+def _label_tokens(ax: Axes, tokens: Sequence[str], fontsize: float = 8, rows: Sequence[int] | None = None) -> None:
+    """Token labels on both axes: keys along x (rotated), queries along y (``rows`` only, if given)."""
     labels = token_labels(tokens)
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(len(labels)), labels, fontsize=fontsize)
+    queries = range(len(labels)) if rows is None else rows
+    ax.set_yticks(range(len(queries)), [f"{labels[q]} ({q})" if rows is not None else labels[q] for q in queries],
+                  fontsize=fontsize)  # fmt: skip
     ax.set_xlabel("key")
     ax.set_ylabel("query")
 
@@ -131,10 +146,12 @@ def plot_head(result: ReversedAttention, layer: int, head: int, example: int = 0
     """
     _check_maps(result)
     tokens = result.str_tokens[result._example(example)]
-    fa = _causal(result.head_pattern(layer, head, example))
-    ra = _causal(result.head(layer, head, example))
+    rows = _rows(result, example)
+    fa = _causal(result.head_pattern(layer, head, example), rows)
+    ra = _causal(result.head(layer, head, example), rows)
     side = _map_size(len(tokens))
-    fig = Figure(figsize=(2 * side + 1.6, side + 0.9), layout="constrained")
+    height = side if rows is None else min(side, 0.32 * len(rows) + 1.5)
+    fig = Figure(figsize=(2 * side + 1.6, height + 0.9), layout="constrained")
     ax_fa, ax_ra = fig.subplots(1, 2)
     image = ax_fa.imshow(fa, cmap=_cmap(FA_CMAP), vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(image, ax=ax_fa, shrink=0.8, label="attention")
@@ -143,7 +160,8 @@ def plot_head(result: ReversedAttention, layer: int, head: int, example: int = 0
     fig.colorbar(image, ax=ax_ra, shrink=0.8, label="RA (blue: gains attention)")
     ax_ra.set_title("reversed attention" + (f"\n{_target_text(result, example)}" if result.targets else ""))
     for ax in (ax_fa, ax_ra):
-        _label_tokens(ax, tokens)
+        _label_tokens(ax, tokens, rows=rows)
+        ax.set_aspect("auto" if rows is not None else "equal")
     fig.suptitle(f"L{layer}H{head}", fontweight="bold")
     fig.supxlabel(SIGN_NOTE, fontsize=8, color="0.3")
     return fig
@@ -164,7 +182,8 @@ def plot_top_heads(
     _check_maps(result)
     heads = result.top_heads(k)
     tokens = result.str_tokens[result._example(example)]
-    maps = [_causal(result.head(layer, head, example)) for layer, head in heads]
+    rows = _rows(result, example)
+    maps = [_causal(result.head(layer, head, example), rows) for layer, head in heads]
     ncols = ncols or min(len(heads), 3)
     nrows = math.ceil(len(heads) / ncols)
     side = min(_map_size(len(tokens)), 4.5)
@@ -177,7 +196,9 @@ def plot_top_heads(
         image = _ra_image(ax, ra, limit)
         images.append(image)
         ax.set_title(f"L{layer}H{head}")
-        _label_tokens(ax, tokens, fontsize=7)
+        _label_tokens(ax, tokens, fontsize=7, rows=rows)
+        if rows is not None:
+            ax.set_aspect("auto")
         if not shared_scale:
             fig.colorbar(image, ax=ax, shrink=0.8)
     for ax in grid[len(heads) :]:
@@ -222,6 +243,11 @@ def plot_compare(
     """
     for r in (result_a, result_b):
         _check_maps(r)
+        if r.query_positions is not None:
+            raise ValueError(
+                "plot_compare compares whole maps; these results kept chosen query rows: "
+                "call reversed_attention without query_positions, or plot each with plot_head"
+            )
     tokens_a = result_a.str_tokens[result_a._example(example)]
     tokens_b = result_b.str_tokens[result_b._example(example)]
     n = _common_prefix(tokens_a, tokens_b)

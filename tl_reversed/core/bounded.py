@@ -1,0 +1,129 @@
+"""The memory-bounded RA pass: each block checkpointed, RA reduced while the block is recomputed.
+
+The standard pass keeps, for the backward, every layer's activations, among them each
+layer's ``[head, query_pos, key_pos]`` attention pattern: memory grows with
+layers x heads x tokens^2. The bounded pass runs the same forward and backward with every
+block under non-reentrant activation checkpointing (:func:`torch.utils.checkpoint.checkpoint`),
+scoped to the model at hand (:func:`checkpointed_blocks`):
+
+* forward: each block runs with its saved activations dropped; only each block's input
+  (the residual stream, ``[batch, pos, d_model]`` per layer, linear in tokens) is kept;
+* backward: when the gradient reaches block ``l``, the block is recomputed from its
+  input, and its backward runs on the recomputed activations. Only then do the RA sink's
+  forward hooks keep ``hook_pattern`` and ``hook_v`` of layer ``l`` (the ``gate``), and the
+  backward hook on ``hook_z`` reduces them with the gradient to norms or kept query rows,
+  a query tile at a time (:func:`tl_reversed.core.rows.reduce_layer`).
+
+One layer's pattern is alive at a time: the pattern the model's own attention makes in
+the recomputed block (TransformerLens computes attention eagerly and exposes it at
+``hook_pattern``; the sink holds a reference to that tensor, not a copy). That one
+layer's ``heads x tokens^2`` term remains; the ``layers x`` factor is gone.
+
+Key/value caches are not used by a single pass; a block's cache argument (a Hugging
+Face ``Cache``) is dropped so the recomputation does not append to it a second time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from tl_reversed.core.architecture import ModelSpec
+
+BOUNDED_ABOVE_BYTES = 2**30
+"""``path="auto"`` takes the bounded pass when the standard pass would keep more attention.
+
+The estimate is the patterns the standard pass keeps for its backward:
+``rows per pass x layers x heads x tokens^2 x bytes per element`` of the model's dtype.
+"""
+
+
+@dataclass
+class Recompute:
+    """Which block is being recomputed in the backward (``None`` during the forward)."""
+
+    layer: int | None = None
+    forward_done: set[int] = field(default_factory=set)
+
+    def recomputing(self, layer: int) -> bool:
+        return self.layer == layer
+
+
+def _is_cache(value: object) -> bool:
+    return any(cls.__module__.startswith("transformers.cache_utils") for cls in type(value).__mro__)
+
+
+def _without_cache(kwargs: dict) -> dict:
+    cleaned = {key: None if _is_cache(value) else value for key, value in kwargs.items()}
+    if "use_cache" in cleaned:
+        cleaned["use_cache"] = False
+    return cleaned
+
+
+@contextmanager
+def checkpointed_blocks(model: torch.nn.Module) -> Iterator[Recompute]:
+    """Run every block of ``model`` under activation checkpointing for the duration.
+
+    Sets an instance attribute ``forward`` on each block (the class and every other model
+    are untouched) and removes it on the way out, also after an exception. Yields a
+    :class:`Recompute` that says which block is being recomputed.
+    """
+    state = Recompute()
+    blocks = list(model.blocks)  # type: ignore[attr-defined]
+    taken = [i for i, block in enumerate(blocks) if "forward" in vars(block)]
+    if taken:
+        raise RuntimeError(
+            f"blocks {taken} already have their forward replaced on this model instance (another "
+            "checkpointing wrapper?): remove it, or call reversed_attention(..., path='standard')"
+        )
+
+    def wrap(layer: int, block: torch.nn.Module):
+        original = type(block).forward
+
+        def recomputable(*args, **kwargs):
+            recompute = layer in state.forward_done
+            state.layer = layer if recompute else None
+            try:
+                return original(block, *args, **kwargs)
+            finally:
+                state.layer = None
+
+        def forward(*args, **kwargs):
+            state.forward_done.discard(layer)
+            if not torch.is_grad_enabled():
+                return original(block, *args, **kwargs)
+            out = checkpoint(recomputable, *args, use_reentrant=False, **_without_cache(kwargs))
+            state.forward_done.add(layer)
+            return out
+
+        return forward
+
+    try:
+        for layer, block in enumerate(blocks):
+            # object.__setattr__: the bridge forwards unknown attributes to the wrapped HF module
+            object.__setattr__(block, "forward", wrap(layer, block))
+        yield state
+    finally:
+        for block in blocks:
+            vars(block).pop("forward", None)
+
+
+def standard_pattern_bytes(spec: ModelSpec, n_layers: int, rows: int, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of the attention patterns the standard pass keeps for its backward (one chunk)."""
+    return rows * n_layers * spec.n_heads * tokens * tokens * torch.finfo(dtype).bits // 8
+
+
+def choose_path(path: str, keep: str, query_positions: object, estimate: int) -> str:
+    """``"standard"`` or ``"bounded"`` for ``path="auto"`` (see :data:`BOUNDED_ABOVE_BYTES`).
+
+    ``auto`` keeps whole maps on the standard path: they are ``layers x heads x tokens^2``
+    themselves, so the bounded pass saves little there.
+    """
+    if path != "auto":
+        return path
+    whole_maps = keep == "maps" and query_positions is None
+    return "bounded" if not whole_maps and estimate > BOUNDED_ABOVE_BYTES else "standard"
