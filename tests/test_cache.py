@@ -15,6 +15,7 @@ import torch
 
 import tl_reversed
 from tl_reversed import models
+from tl_reversed.core import weight_files
 
 PROMPT = "The capital city of France is"
 
@@ -41,11 +42,11 @@ def test_every_cached_file_is_checked_and_repaired(embedded_model, tmp_path, mon
     """Junk config.json, junk tokenizer.json and a directory where the weights belong, all at
     once: one rebuild repairs all three, and the files it writes follow the umask."""
     source_folder, source_weights = models._cache_files(models.SMOLLM2, torch.float32)
-    assert models._valid_cache(source_weights)
+    assert weight_files.valid_cache(source_weights)
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
     folder, weights = models._cache_files(models.SMOLLM2, torch.float32)
     shutil.copytree(source_folder, folder)
-    assert models._valid_cache(weights)
+    assert weight_files.valid_cache(weights)
     record = json.loads(weights.with_suffix(".json").read_text())
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(record["files"])
 
@@ -53,14 +54,14 @@ def test_every_cached_file_is_checked_and_repaired(embedded_model, tmp_path, mon
     for name, junk in (("config.json", b"{not json"), ("tokenizer.json", b"{}"), ("tokenizer_config.json", b"")):
         good = (folder / name).read_bytes()
         (folder / name).write_bytes(junk)
-        assert not models._valid_cache(weights), name
+        assert not weight_files.valid_cache(weights), name
         (folder / name).unlink()
-        assert not models._valid_cache(weights), name
+        assert not weight_files.valid_cache(weights), name
         (folder / name).mkdir()
-        assert not models._valid_cache(weights), name
+        assert not weight_files.valid_cache(weights), name
         (folder / name).rmdir()
         (folder / name).write_bytes(good)
-        assert models._valid_cache(weights)
+        assert weight_files.valid_cache(weights)
 
     (folder / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1}')  # valid, but not ours
     (folder / "tokenizer.json").write_bytes(b"\x00junk")
@@ -70,7 +71,7 @@ def test_every_cached_file_is_checked_and_repaired(embedded_model, tmp_path, mon
     with umask(0o027):
         rebuilt = tl_reversed.load_model()
 
-    assert models._valid_cache(weights) and weights.is_file()
+    assert weight_files.valid_cache(weights) and weights.is_file()
     tokens = embedded_model.to_tokens(PROMPT)
     with torch.no_grad():
         logits = rebuilt(tokens)
@@ -116,7 +117,7 @@ def test_unwritable_cache_warns_up_front_and_loads_without_it(embedded_model, tm
 def test_cache_folder_is_prepared_up_front_and_follows_the_umask(tmp_path):
     folder = tmp_path / "root" / "model"
     with umask(0o027):
-        mode, problem = models._prepare_cache(folder)
+        mode, problem = weight_files.prepare_cache(folder)
     assert (mode, problem) == (0o640, None)
     assert (_mode(tmp_path / "root"), _mode(folder)) == (0o750, 0o750)
     assert list(folder.iterdir()) == []  # the probe is gone
@@ -124,10 +125,10 @@ def test_cache_folder_is_prepared_up_front_and_follows_the_umask(tmp_path):
     other = tmp_path / "other"
     other.write_text("a file where the model's cache folder belongs")
     with umask(0o022):
-        assert models._prepare_cache(other) == (0o644, None)
+        assert weight_files.prepare_cache(other) == (0o644, None)
     assert other.is_dir()
 
     blocked = tmp_path / "file" / "model"
     (tmp_path / "file").write_text("")
-    mode, problem = models._prepare_cache(blocked)
+    mode, problem = weight_files.prepare_cache(blocked)
     assert mode is None and problem.startswith(("NotADirectoryError", "FileExistsError"))

