@@ -86,6 +86,7 @@ def _import_result_modules() -> None:
     import tl_reversed.experiments.perturbation  # noqa: F401
     import tl_reversed.experiments.ranking  # noqa: F401
     import tl_reversed.lens.backward_lens  # noqa: F401
+    import tl_reversed.lens.flow_results  # noqa: F401
 
 
 # --------------------------------------------------------------------------- the file
