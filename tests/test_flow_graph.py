@@ -226,3 +226,23 @@ def test_embedded_paris(embedded_model):
     assert final["top_tokens"][0] == " Paris"
     assert final["rank"] == 1
     assert g.tracked == " Paris"
+
+
+def test_page_and_figure(tmp_path):
+    model = tiny_model("llama")
+    g = tl_reversed.flow_graph(model, PROMPT, TARGET)
+    page = g.to_html(tmp_path / "g.html")
+    assert (tmp_path / "g.html").read_text(encoding="utf-8") == page == g._repr_html_()
+    assert len(page.encode()) < 8_000_000
+    assert "<script src=" not in page  # plotly inlined
+    assert page.count('"type":"sankey"') == 2  # forward and backward traces
+    for name in g.nodes["name"]:
+        assert name.replace("'", "\\u0027") in page or name in page
+    fig = g.plot("backward")
+    assert len(fig.axes[0].collections[0].get_offsets()) == len(g)
+    with pytest.raises(ValueError, match="view must be one of"):
+        g.plot("sideways")
+    forward_only = tl_reversed.flow_graph(model, PROMPT, backward=False)
+    assert forward_only.to_html().count('"type":"sankey"') == 1
+    with pytest.raises(ValueError, match="no backward view"):
+        forward_only.plot("backward")
