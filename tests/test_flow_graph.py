@@ -246,3 +246,41 @@ def test_page_and_figure(tmp_path):
     assert forward_only.to_html().count('"type":"sankey"') == 1
     with pytest.raises(ValueError, match="no backward view"):
         forward_only.plot("backward")
+
+
+@pytest.fixture
+def tiny_cli(monkeypatch):
+    model = tiny_model("llama", n_layers=3)
+    monkeypatch.setattr(tl_reversed, "load_model", lambda name=None, device=None: model)
+    return model
+
+
+def test_cli_graph_writes_the_page(tmp_path, capsys, tiny_cli):
+    import json
+
+    from tl_reversed.commands.cli import main
+
+    out = tmp_path / "g" / "graph.html"
+    assert main(["graph", "--prompt", PROMPT, "--target", TARGET, "--layers", "1-2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    direct = tl_reversed.flow_graph(tiny_cli, PROMPT, TARGET, layers=[1, 2])
+    assert f"wrote {out} ({len(direct)} nodes)" in text
+    assert out.read_text(encoding="utf-8") == direct.to_html()
+    assert main(["graph", "--prompt", PROMPT, "--layers", "0,2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    forward = tl_reversed.flow_graph(tiny_cli, PROMPT, layers=[0, 2], backward=False)
+    assert [r["id"] for r in rows] == forward.nodes["id"]
+
+
+def test_cli_graph_errors_are_one_line(tmp_path, capsys, tiny_cli):
+    from tl_reversed.commands.cli import main
+
+    assert main(["graph", "--prompt", PROMPT, "--layers", "3-5", "--out", str(tmp_path / "g.html")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "tl-reversed graph: error: layers [3, 4, 5] out of range: the model has 3 layers (0..2)"
+    )
+    assert main(["graph", "--prompt", PROMPT, "--out", str(tmp_path / "g.png")]) == 2
+    assert "must name an .html file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["graph", "--prompt", PROMPT, "--layers", "5-2"])
+    assert "expected layers like 20-29" in capsys.readouterr().err
