@@ -284,3 +284,16 @@ def test_cli_graph_errors_are_one_line(tmp_path, capsys, tiny_cli):
     with pytest.raises(SystemExit):
         main(["graph", "--prompt", PROMPT, "--layers", "5-2"])
     assert "expected layers like 20-29" in capsys.readouterr().err
+
+
+def test_demo_index_shows_the_flow_graph(tmp_path):
+    from tl_reversed.commands.demo import write_demo
+
+    model = tiny_model("llama", n_layers=3)
+    output = write_demo(model, tmp_path, PROMPT, (TARGET, " in"), top=3)
+    assert output.graph_page == tmp_path / "graph.html"
+    expected = tl_reversed.flow_graph(model, PROMPT, TARGET, layers=[0, 1, 2]).to_html()
+    assert output.graph_page.read_text(encoding="utf-8") == expected
+    index = output.index.read_text(encoding="utf-8")
+    assert '<iframe src="graph.html" title="flow graph"></iframe>' in index
+    assert "<h2>Flow graph</h2>" in index
