@@ -29,6 +29,33 @@ LINK_COLOURS = {"residual": "rgba(120,120,120,0.35)", "skip": "rgba(120,120,120,
 RANK_TICKS = (1, 10, 100, 1000, 10000, 100000)
 
 
+def node_positions(graph: FlowGraph) -> dict[str, tuple[float, float]]:
+    """Where each node sits: x = its layer and stage (residual, memories, heads, mid, neurons, post),
+    y = 0 for the residual stream, heads at 1, 2, ..., their memories above, neurons at -1, -2, ..."""
+    n = graph.nodes
+    place: dict[str, tuple[float, float]] = {}
+    stack: dict[tuple[int, str], int] = {}
+    offsets = {"resid_pre": 0.0, "memory": 0.35, "head": 0.7, "resid_mid": 1.0, "neuron": 1.5, "resid_post": 2.0}
+    for node_id, kind, layer in zip(n["id"], n["kind"], n["layer"]):
+        start = 2 * (layer - graph.layers[0])
+        if kind == "final":
+            place[node_id] = (start + 1.0, 0.0)
+            continue
+        slot = stack.get((layer, kind), 0)
+        stack[(layer, kind)] = slot + 1
+        y = {"head": 1.0 + slot, "memory": 2.5 + 0.6 * slot, "neuron": -1.0 - slot}.get(kind, 0.0)
+        place[node_id] = (start + offsets[kind], y)
+    return place
+
+
+def _sankey_xy(graph: FlowGraph) -> tuple[list[float], list[float]]:
+    """:func:`node_positions` scaled into plotly's [0, 1] square (y grows downward there)."""
+    xs, ys = zip(*node_positions(graph).values())
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    scale = lambda v, lo, hi: 0.03 + 0.92 * (v - lo) / (hi - lo) if hi > lo else 0.5  # noqa: E731
+    return [scale(x, x0, x1) for x in xs], [scale(y1 - y, y0, y1) for y in ys]
+
+
 def _check_view(view: str, graph: FlowGraph) -> str:
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
@@ -53,7 +80,7 @@ def _colours(shades: np.ndarray) -> list[str]:
 
 
 def _tokens(tokens: list[str], probs: list[float] | None = None) -> str:
-    esc = [html_lib.escape(repr(t)) for t in tokens]
+    esc = [html_lib.escape(repr(t), quote=False) for t in tokens]
     if probs is None:
         return ", ".join(esc)
     return ", ".join(f"{t} {p:.3f}" for t, p in zip(esc, probs))
@@ -62,11 +89,11 @@ def _tokens(tokens: list[str], probs: list[float] | None = None) -> str:
 def node_hover(graph: FlowGraph) -> list[str]:
     """The hover text of every node: tokens and probabilities, the tracked token, norms, the backward view."""
     n = graph.nodes
-    tracked = html_lib.escape(repr(graph.tracked))
+    tracked = html_lib.escape(repr(graph.tracked), quote=False)
     texts = []
     for i, name in enumerate(n["name"]):
         lines = [
-            f"<b>{html_lib.escape(name)}</b> (norm {n['norm'][i]:.3g})",
+            f"<b>{html_lib.escape(name, quote=False)}</b> (norm {n['norm'][i]:.3g})",
             f"logit lens: {_tokens(n['top_tokens'][i], n['top_probs'][i])}",
             f"{tracked}: rank {n['rank'][i]}, p {n['prob'][i]:.3g}; entropy {n['entropy'][i]:.2f} nats",
         ]
@@ -93,7 +120,7 @@ def _edge_hover(graph: FlowGraph, names: dict[str, str]) -> list[str]:
     e = graph.edges
     out = []
     for i, kind in enumerate(e["kind"]):
-        text = f"{html_lib.escape(names[e['source'][i]])} → {html_lib.escape(names[e['target'][i]])} ({kind})<br>weight {e['weight'][i]:.3g}"
+        text = f"{html_lib.escape(names[e['source'][i]], quote=False)} → {html_lib.escape(names[e['target'][i]], quote=False)} ({kind})<br>weight {e['weight'][i]:.3g}"
         if graph.backward:
             text += f"<br>first-order loss change {e['dloss'][i]:+.3g}"
         out.append(text)
@@ -112,6 +139,7 @@ def sankey_figure(graph: FlowGraph, title: str | None = None):
     edge_hover = _edge_hover(graph, names)
     d_vocab = graph.final_logits.shape[0]
     views = [v for v in VIEWS if v == "forward" or graph.backward]
+    x, y = _sankey_xy(graph)
     traces = []
     for view in views:
         ranks = n["rank"] if view == "forward" else n["backward_rank"]
@@ -119,7 +147,7 @@ def sankey_figure(graph: FlowGraph, title: str | None = None):
         floor = 1e-3 * float(np.nanmax(weights)) if np.isfinite(weights).any() and np.nanmax(weights) > 0 else 1.0
         traces.append(go.Sankey(
             name=view, visible=view == "forward", arrangement="snap", valueformat=".3g",
-            node=dict(label=labels, color=_colours(rank_shade(ranks, d_vocab)), customdata=hover,
+            node=dict(label=labels, color=_colours(rank_shade(ranks, d_vocab)), customdata=hover, x=x, y=y,
                       hovertemplate="%{customdata}<extra></extra>", pad=6, thickness=12),
             link=dict(source=[index[s] for s in e["source"]], target=[index[t] for t in e["target"]],
                       value=np.maximum(np.nan_to_num(weights), floor).tolist(), customdata=edge_hover,
@@ -140,7 +168,7 @@ def sankey_figure(graph: FlowGraph, title: str | None = None):
     ]  # fmt: skip
     fig = go.Figure(traces)
     fig.update_layout(
-        title=dict(text=_title(graph, "forward", title)), height=max(600, 14 * len(n["id"]) // max(1, len(graph.layers)) * 4),
+        title=dict(text=_title(graph, "forward", title)), height=max(600, 70 * len(set(y))),
         xaxis=dict(visible=False), yaxis=dict(visible=False), plot_bgcolor="white", font=dict(size=10),
         updatemenus=[dict(type="buttons", direction="right", x=0, y=1.08, xanchor="left", buttons=buttons)] if len(views) > 1 else [],
     )  # fmt: skip
@@ -188,18 +216,7 @@ def plot_flow_graph(graph: FlowGraph, view: str = "forward", ax=None):
 
     _check_view(view, graph)
     n, e = graph.nodes, graph.edges
-    place: dict[str, tuple[float, float]] = {}
-    stack: dict[tuple[int, str], int] = {}
-    offsets = {"resid_pre": 0.0, "memory": 0.35, "head": 0.7, "resid_mid": 1.0, "neuron": 1.5, "resid_post": 2.0}
-    for node_id, kind, layer in zip(n["id"], n["kind"], n["layer"]):
-        start = 2 * (layer - graph.layers[0])
-        if kind == "final":
-            place[node_id] = (start + 1.0, 0.0)
-            continue
-        slot = stack.get((layer, kind), 0)
-        stack[(layer, kind)] = slot + 1
-        y = {"head": 1.0 + slot, "memory": 2.5 + 0.6 * slot, "neuron": -1.0 - slot}.get(kind, 0.0)
-        place[node_id] = (start + offsets[kind], y)
+    place = node_positions(graph)
     if ax is None:
         fig = Figure(figsize=(max(6.0, 1.3 * len(graph.layers) + 2), 6))
         ax = fig.add_subplot()
