@@ -54,7 +54,8 @@ def decompose(saved: dict[str, dict[str, Tensor]], spec: ModelSpec, layers: list
         put("attn_out", attn_out)
         put("mlp_out", mlp_out)
         put("head_out", einops.einsum(z, w_o, "h d, h d m -> h m") * ga)
-        put("memories", einops.einsum(pattern, v, w_o, "h k, k h d, h d m -> h k m") * ga)
+        values = einops.einsum(v, w_o, "k h d, h d m -> h k m")  # each key's value through W_O
+        put("memories", pattern[..., None] * values * ga)
         put("attn_bias", _bias(w.b_O, w.attn_post, ga, d_model, dtype))
         put("neuron_acts", f[mlp_hook(layer, "post")])
         put("mlp_gain", gm)
