@@ -195,8 +195,14 @@ class FlowSink:
         missing = [name for name in self._expected_grads() if name not in self.grads]
         if missing:
             raise TypeError(
-                f"the backward hook on {missing[0]} never fired: this model does not carry gradients through "
-                "that hook point, so its flow graph has no backward view; pass backward=False"
+                f"no gradient reached {missing[0]}: this model does not carry gradients through that hook "
+                "point, so its flow graph has no backward view; pass backward=False"
+            )
+        bad = [name for name, grad in self.grads.items() if not bool(torch.isfinite(grad).all())]
+        if bad:  # the engine checks the gradients of backward hooks; these come from tensor hooks
+            raise FloatingPointError(
+                f"the gradient at {bad[0]} has NaN or inf entries: the model overflowed in its dtype; "
+                "run it in float32 (load_model(..., dtype=torch.float32)) or shorten the prompt"
             )
 
     @staticmethod
