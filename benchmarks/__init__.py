@@ -13,5 +13,6 @@ BENCHMARKS = {
     "B5": ("b5_perturbation", "perturbation test: 100 prompts, 11 fractions, 2 orders"),
     "B6": ("b6_load", "embedded model load: cold and warm"),
     "B8": ("b8_long", "long prompts: the memory-bounded RA pass against the standard one"),
+    "B9": ("b9_flow_graph", "flow graph of one prompt (forward+backward) beside one RA call"),
 }
 """Benchmark id -> (module in this package, what it measures). B7 (devices) is ``--device``."""

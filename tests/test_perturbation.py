@@ -188,7 +188,7 @@ def test_checkpoint_resumes_only_units_made_with_the_same_settings(tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "neox"])
 def test_last_logits_unembeds_only_the_last_token_and_matches_the_full_logits(arch):
-    from tl_reversed.core.architecture import last_position_hook
+    from tl_reversed.core.engine import last_position_hook
     from tl_reversed.experiments.evaluation import last_logits
 
     model = make_tiny(arch)

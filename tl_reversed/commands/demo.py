@@ -8,6 +8,7 @@ and " Rome") it prints the top heads under each target and writes, into ``--out`
 - ``norms.png``: layer x head heatmaps of forward-attention and RA norms (Fig. 2a);
 - ``compare_L{l}H{h}.png``: the top head under both targets and the difference (Fig. 7);
 - ``ra_map.html``: the interactive CircuitsVis map of the top heads (works offline);
+- ``graph.html``: the flow graph of the prompt and first target over the last layers (offline);
 - ``index.html``: all of the above on one page, each with a short explanation.
 
 :func:`write_demo` does the work for an already loaded model (the tests call it).
@@ -27,6 +28,7 @@ from tl_reversed.commands.heads import format_heads
 PROMPT = "The capital city of France is"
 TARGETS = (" Paris", " Rome")
 HEAD_FIGURES = 3
+GRAPH_LAYERS = 10  # the flow graph shows the last layers
 DPI = 130
 
 
@@ -41,6 +43,7 @@ class DemoOutput:
     results: dict[str, object]  # target -> ReversedAttention
     predictions: str
     report: str = field(repr=False)
+    graph_page: Path | None = None
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -75,7 +78,7 @@ def write_demo(
     top: int = 10,
 ) -> DemoOutput:
     """Compute RA for ``prompt`` under both ``targets`` and write the figures and pages into ``out``."""
-    from tl_reversed import plotting, reversed_attention
+    from tl_reversed import flow_graph, plotting, reversed_attention
 
     if len(targets) != 2:
         raise ValueError(f"the demo compares two targets; got {len(targets)}: {list(targets)}")
@@ -102,9 +105,14 @@ def write_demo(
     )
     html_map = out / "ra_map.html"
     first.to_html(html_map, heads=first.top_heads(top))
+    n_layers = model.cfg.n_layers
+    graph_page = out / "graph.html"
+    graph = flow_graph(model, prompt, targets[0], layers=range(max(0, n_layers - GRAPH_LAYERS), n_layers))
+    graph.to_html(graph_page)
     index = out / "index.html"
-    index.write_text(_index_page(prompt, targets, prediction, report, first, figures, heads), encoding="utf-8")
-    return DemoOutput(out, index, html_map, figures, dict(results), prediction, report)
+    page = _index_page(prompt, targets, prediction, report, first, figures, heads, graph.layers)
+    index.write_text(page, encoding="utf-8")
+    return DemoOutput(out, index, html_map, figures, dict(results), prediction, report, graph_page)
 
 
 def _figure(path: Path, title: str, text: str) -> str:
@@ -114,7 +122,7 @@ def _figure(path: Path, title: str, text: str) -> str:
     )
 
 
-def _index_page(prompt, targets, prediction, report, result, figures, heads) -> str:
+def _index_page(prompt, targets, prediction, report, result, figures, heads, graph_layers) -> str:
     a, b = (html.escape(repr(t)) for t in targets)
     tokens = "".join(f'<span class="tok">{html.escape(t)}</span>' for t in result.str_tokens[0])
     top = ", ".join(f"L{layer}H{head}" for layer, head in heads)
@@ -193,6 +201,13 @@ and the keys that row pushes up (more attention) and down. The figures below sho
 lock it). Each RA map is scaled to its own largest |RA| with the sign kept.
 <a href="ra_map.html">Open it on its own page</a>; it is one file that works offline.</p>
 <iframe src="ra_map.html" title="interactive RA map"></iframe>
+<h2>Flow graph</h2>
+<p>The forward pass at the last prompt token as a flow graph (VISIT, Katz &amp; Belinkov 2023), layers
+{graph_layers[0]}&ndash;{graph_layers[-1]}: residual states, the strongest heads, the memories they read and
+the strongest MLP neurons, each read in the vocabulary, joined by their additive contributions. The
+<i>backward</i> button lays the gradient for target {a} over the same nodes. Colour: the rank of {a}
+(bright = rank 1). <a href="graph.html">Open it on its own page</a>; it is one file that works offline.</p>
+<iframe src="graph.html" title="flow graph"></iframe>
 </body>
 </html>
 """

@@ -381,46 +381,79 @@ def weight_io(model: object, layer: int, matrix: str) -> WeightIO:
     return WeightIO(matrix, f"blocks.{layer}.ln2.hook_normalized", grad, _norm_affine(model, ln2))
 
 
-def positions_hook(
-    model: object, cols: torch.Tensor, rows: torch.Tensor | None = None, *, beside: Sequence[tuple] = ()
-) -> tuple[str, object] | None:
-    """A forward hook that unembeds only positions ``(rows[i], cols[i])``.
-
-    With it on, the model returns logits ``[n, 1, d_vocab]`` for those ``n`` positions
-    instead of ``[batch, pos, d_vocab]``: on a 135M-parameter model with a 49k vocabulary
-    the unembedding is about a fifth of a forward pass (and of a backward one), and a
-    loss or an answer reads a few positions. ``rows=None`` means one position per row,
-    ``cols[i]`` in row ``i``. Both may be replaced between calls through ``hook.cols`` and
-    ``hook.rows`` (a mini-batch loop reuses one hook).
-
-    ``None`` (run without it and index the full logits) where the model has no such hook
-    point, or where one of the hooks it runs ``beside`` (``(name, fn)`` pairs) would see
-    what it trims (see :func:`_hooks_at_unembed`).
-    """
-    if UNEMBED_IN not in getattr(model, "hook_dict", {}) or _hooks_at_unembed([name for name, _ in beside]):
-        return None
-
-    keep = KeepPositions(cols, rows)
-    return UNEMBED_IN, keep
+# --------------------------------------------------------------------------- flow graph
 
 
-class KeepPositions:
-    """The hook of :func:`positions_hook`: keeps positions ``(rows[i], cols[i])`` of the unembedding's input.
+@dataclass(frozen=True)
+class BlockWrites:
+    """How one block writes to the residual stream (for :func:`tl_reversed.flow_graph`).
 
-    ``cols`` and ``rows`` may be replaced between calls (a mini-batch loop reuses one hook).
+    ``attn_out = post_norm(sum_h z_h @ W_O[h] + b_O)`` and ``mlp_out = post_norm(act @ W_out + b_out)``,
+    where ``post_norm`` is the identity, or (Gemma) an RMSNorm whose scale is read from a
+    hook, so that with the scale frozen every head's and neuron's share adds up exactly.
+
+    Attributes:
+        W_O: ``[head, d_head, d_model]``; b_O: ``[d_model]`` or None.
+        W_out: ``[d_mlp, d_model]`` (rows multiply ``mlp.hook_post``, which already holds
+            the gate product of a gated MLP); b_out: ``[d_model]`` or None.
+        attn_post, mlp_post: the post-norms' affine parts, or None without post-norms.
+        attn_post_scale, mlp_post_scale: forward hooks holding their divisors ``[batch, pos, 1]``.
+        parallel: attention and MLP both read ``resid_pre`` (GPT-J, NeoX): no ``resid_mid``.
     """
 
-    def __init__(self, cols: torch.Tensor, rows: torch.Tensor | None = None):
-        self.cols, self.rows = cols, rows
+    W_O: torch.Tensor
+    b_O: torch.Tensor | None
+    W_out: torch.Tensor
+    b_out: torch.Tensor | None
+    attn_post: NormAffine | None
+    mlp_post: NormAffine | None
+    attn_post_scale: str
+    mlp_post_scale: str
+    parallel: bool
 
-    def __call__(self, x: torch.Tensor, hook: object) -> torch.Tensor:
-        cols = self.cols.to(x.device)
-        rows = torch.arange(x.shape[0], device=x.device) if self.rows is None else self.rows.to(x.device)
-        return x[rows, cols][:, None]
+
+def block_writes(model: object, layer: int) -> BlockWrites:
+    """The weights and post-norms through which block ``layer`` writes to the residual stream."""
+    block = model.blocks[layer]  # type: ignore[attr-defined]
+    hook_names = model.hook_dict  # type: ignore[attr-defined]
+    w_out = getattr(block.mlp, "W_out", None)
+    if w_out is None:
+        raise TypeError(f"the MLP of block {layer} exposes no W_out: the flow graph cannot split it into neurons")
+
+    def bias(module: object, name: str) -> torch.Tensor | None:
+        value = getattr(module, name, None)
+        return None if value is None else value.detach()
+
+    def post(name: str) -> NormAffine | None:
+        module = getattr(block, name, None)
+        return None if module is None else _norm_affine(model, module)
+
+    return BlockWrites(
+        W_O=block.attn.W_O.detach(),
+        b_O=bias(block.attn, "b_O"),
+        W_out=w_out.detach(),
+        b_out=bias(block.mlp, "b_out"),
+        attn_post=post("ln1_post"),
+        mlp_post=post("ln2_post"),
+        attn_post_scale=f"blocks.{layer}.ln1_post.hook_scale",
+        mlp_post_scale=f"blocks.{layer}.ln2_post.hook_scale",
+        parallel=block_hook(layer, "resid_mid") not in hook_names,
+    )
 
 
-def _hooks_at_unembed(names: Sequence[object]) -> bool:
-    """Whether hooks on these points would see what :func:`positions_hook` trims.
+def final_logits(model: object, x: torch.Tensor) -> torch.Tensor:
+    """Logits of residual vectors ``[..., d_model]`` read through the model's own final norm and unembedding.
+
+    The logit lens: for the last block's ``resid_post`` these are the model's logits.
+    """
+    shape = x.shape
+    flat = x.reshape(1, -1, shape[-1])
+    logits = model.unembed(model.ln_final(flat))  # type: ignore[attr-defined]
+    return logits.reshape(*shape[:-1], logits.shape[-1])
+
+
+def hooks_at_unembed(names: Sequence[object]) -> bool:
+    """Whether hooks on these points would see what :func:`tl_reversed.core.engine.positions_hook` trims.
 
     The unembedding's input and output (``unembed.hook_in``, ``unembed.hook_out``, the
     bridge's alias ``hook_unembed``) hold the kept positions alone under it, and so do
@@ -428,8 +461,3 @@ def _hooks_at_unembed(names: Sequence[object]) -> bool:
     is not a string may match them, so it counts as one.
     """
     return any(not isinstance(name, str) or name.startswith("unembed.") or name == "hook_unembed" for name in names)
-
-
-def last_position_hook(model: object, last: torch.Tensor, *, beside: Sequence[tuple] = ()) -> tuple[str, object] | None:
-    """:func:`positions_hook` for position ``last[i]`` of each row ``i``: logits ``[batch, 1, d_vocab]``."""
-    return positions_hook(model, last, beside=beside)

@@ -92,7 +92,7 @@ def cache_with_grads(
     from transformer_lens import ActivationCache
 
     spec = describe(model)
-    batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
+    batch = tokenize(model, prompts, targets, spec, need_targets=metric is None, metric=metric is not None)
     if int(batch.lengths.min()) != int(batch.lengths.max()):
         raise ValueError(
             f"the prompts tokenize to lengths {sorted(set(batch.lengths.tolist()))}: a cache holds one "

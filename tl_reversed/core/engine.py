@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_reversed.core.architecture import EMBED, Model, last_position_hook, positions_hook
+from tl_reversed.core.architecture import EMBED, UNEMBED_IN, Model, hooks_at_unembed
 from tl_reversed.core.inputs import Batch, target_loss, target_positions
 from tl_reversed.core.options import show_progress
 from tl_reversed.core.state import untouched
@@ -206,7 +206,7 @@ def forward_backward(
     they run before ours on the same hook points. Returns the per-example loss.
 
     The default loss (``metric=None``) reads the target positions alone, so only those
-    are unembedded (:func:`tl_reversed.core.architecture.positions_hook`, added after every
+    are unembedded (:func:`positions_hook`, added after every
     other hook): the same gradients, without the logits of every other position.
     A ``metric``, or a hook on the unembedding's input or output, gets the full logits.
     """
@@ -242,3 +242,50 @@ def forward_last(model: Model, batch: Batch, hooks: Sequence[Hook] = ()) -> Floa
     else:
         rows = logits[torch.arange(len(batch), device=logits.device), batch.last.to(logits.device)]
     return rows.float().cpu()
+
+
+# --------------------------------------------------------------------------- unembedding some positions
+
+
+def positions_hook(
+    model: object, cols: torch.Tensor, rows: torch.Tensor | None = None, *, beside: Sequence[tuple] = ()
+) -> tuple[str, object] | None:
+    """A forward hook that unembeds only positions ``(rows[i], cols[i])``.
+
+    With it on, the model returns logits ``[n, 1, d_vocab]`` for those ``n`` positions
+    instead of ``[batch, pos, d_vocab]``: on a 135M-parameter model with a 49k vocabulary
+    the unembedding is about a fifth of a forward pass (and of a backward one), and a
+    loss or an answer reads a few positions. ``rows=None`` means one position per row,
+    ``cols[i]`` in row ``i``. Both may be replaced between calls through ``hook.cols`` and
+    ``hook.rows`` (a mini-batch loop reuses one hook).
+
+    ``None`` (run without it and index the full logits) where the model has no such hook
+    point, or where one of the hooks it runs ``beside`` (``(name, fn)`` pairs) would see
+    what it trims (see :func:`hooks_at_unembed`).
+    """
+    if UNEMBED_IN not in getattr(model, "hook_dict", {}) or hooks_at_unembed([name for name, _ in beside]):
+        return None
+
+    keep = KeepPositions(cols, rows)
+    return UNEMBED_IN, keep
+
+
+class KeepPositions:
+    """The hook of :func:`positions_hook`: keeps positions ``(rows[i], cols[i])`` of the unembedding's input.
+
+    ``cols`` and ``rows`` may be replaced between calls (a mini-batch loop reuses one hook).
+    """
+
+    def __init__(self, cols: torch.Tensor, rows: torch.Tensor | None = None):
+        self.cols, self.rows = cols, rows
+
+    def __call__(self, x: torch.Tensor, hook: object) -> torch.Tensor:
+        cols = self.cols.to(x.device)
+        rows = torch.arange(x.shape[0], device=x.device) if self.rows is None else self.rows.to(x.device)
+        return x[rows, cols][:, None]
+
+
+def last_position_hook(model: object, last: torch.Tensor, *, beside: Sequence[tuple] = ()) -> tuple[str, object] | None:
+    """:func:`positions_hook` for position ``last[i]`` of each row ``i``: logits ``[batch, 1, d_vocab]``."""
+    return positions_hook(model, last, beside=beside)
+

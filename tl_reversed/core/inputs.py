@@ -127,13 +127,15 @@ def tokenize(
     spec: ModelSpec,
     *,
     need_targets: bool,
+    metric: bool = False,
 ) -> Batch:
     """Validate and tokenize prompts and targets into a right-padded :class:`Batch`.
 
-    ``need_targets=False`` means a metric replaces the targets: ``targets`` must then be
-    None (targets given beside a metric would be silently ignored).
+    ``need_targets``: targets must be given. ``metric``: a metric replaces the target
+    loss, so ``targets`` must be None (targets given beside a metric would be silently
+    ignored). With neither, targets are optional.
     """
-    if not need_targets and targets is not None:
+    if metric and targets is not None:
         raise ValueError(
             "give targets or a metric, not both: the metric replaces the target loss, so the targets would be "
             "ignored; drop targets=... (or drop metric=... to use the target cross-entropy)"
@@ -224,7 +226,7 @@ def target_loss(
 
     ``picked=True`` takes the logits of the :func:`target_positions` alone, in their
     order (``[n, 1, vocab]``, from a run under
-    :func:`tl_reversed.core.architecture.positions_hook`), instead of the full logits.
+    :func:`tl_reversed.core.engine.positions_hook`), instead of the full logits.
 
     All target positions are picked with one indexing operation: indexing example by
     example would make the backward pass add one logits-sized zero tensor per example

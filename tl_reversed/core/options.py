@@ -70,6 +70,11 @@ Split = Literal["test", "train", "all"]
 SPLITS: tuple[str, ...] = get_args(Split)
 
 
+RankBy = Literal["forward", "backward"]
+"""How :func:`tl_reversed.flow_graph` orders heads, memories and neurons: contribution size or loss effect."""
+RANK_BY: tuple[str, ...] = get_args(RankBy)
+
+
 def check_option(name: str, value: object, allowed: tuple[str, ...]) -> str:
     """``value`` if it is one of ``allowed``, else a ``ValueError`` naming the option and its values.
 

@@ -373,7 +373,7 @@ def reversed_attention(
     chosen = check_layers(layers, spec)
     check_option("keep", keep, KEEP)
     check_option("path", path, RA_PATHS)
-    batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
+    batch = tokenize(model, prompts, targets, spec, need_targets=metric is None, metric=metric is not None)
     rows = query_rows(query_positions, batch)
     per_pass = len(batch) if batch_size is None else min(len(batch), batch_size)
     dtype = next(model.parameters()).dtype

@@ -128,7 +128,7 @@ def _run(
         check_option("ra_keep", ra_keep, KEEP)
     if not isinstance(heads, bool):
         raise TypeError(f"heads must be True or False, got {heads!r}")
-    batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
+    batch = tokenize(model, prompts, targets, spec, need_targets=metric is None, metric=metric is not None)
     dtype = accumulation_dtype(next(model.parameters()).dtype)
     if memory.enabled(memory_check):
         n, width = batch.tokens.shape
@@ -297,7 +297,7 @@ def gradient_rank(
     spec = describe(model)
     layer = check_layer(layer, spec)
     io = weight_io(model, layer, matrix)
-    batch = tokenize(model, prompts, targets, spec, need_targets=metric is None)
+    batch = tokenize(model, prompts, targets, spec, need_targets=metric is None, metric=metric is not None)
     sink = WeightSink(io, matrix)
     run(model, batch, [sink], metric=metric, batch_size=None, desc="gradient rank")
     x_all, g_all = sink.finish()
