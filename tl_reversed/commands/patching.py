@@ -13,6 +13,13 @@ current patch, add ``lr * RA``) and report accuracy after each step. Writes, und
     {task}_iterative.csv    one row per (shots, step): accuracy, training loss (--iterative)
     {task}_patching.md      the table, with the command that made it
     {task}_sweep.png        accuracy against lr, one panel per shot count
+
+With ``--save PATCH``, also learn a structured (length-independent) RA patch on the
+training prompts of every length (:func:`tl_reversed.experiments.structured_patch.structured_maps`,
+lr ``--lr-ra``), save it to ``PATCH`` (``PATCH_{shots}shot.safetensors`` for several shot
+counts; apply it with ``tl-reversed apply-patch``) and add its accuracy on the test prompts
+of every length, and the unpatched accuracy on them, to the table (``structured``,
+``all_original``, ``n_test_all``).
 """
 
 from __future__ import annotations
@@ -67,6 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     parser.add_argument("--out", default="out/patching", help="output folder (default out/patching)")
     parser.add_argument("--no-resume", action="store_true", help="recompute steps saved by an interrupted run")
+    parser.add_argument("--save", default=None, metavar="PATCH",
+                        help="also learn a structured RA patch on training prompts of every length, save it to PATCH "
+                        "(.safetensors; PATCH_{shots}shot.safetensors for several shot counts) and test it on every length")  # fmt: skip
     add_model_argument(parser)
     return parser
 
@@ -146,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
                 {"task": task, "shots": shots, "step": step, "lr": args.iter_lr, "accuracy": acc, "train_loss": loss}
                 for step, (acc, loss) in enumerate(zip(it.accuracy, it.train_loss))
             ]
+        if args.save:
+            row.update(_save_structured(model, task, shots, common, args))
         rows.append(row)
     bar.close()
 
@@ -172,6 +184,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_structured(model, task: str, shots: int, common: dict, args: argparse.Namespace) -> dict:
+    """Learn the structured RA patch on training prompts of every length, save it, test it on every length."""
+    from pathlib import Path
+
+    from tl_reversed.experiments.structured_patch import structured_accuracy, structured_maps
+    from tl_reversed.experiments.tasks import load_task, make_examples
+
+    task_info = load_task(task)
+    template = None if task_info.kind == "icl" else task_info.templates[args.template]
+    train = make_examples(task, split="train", n=args.n_train, **common)
+    test = make_examples(task, split="test", n=args.n_test, **common)
+    patch = structured_maps(model, train, "ra", lr=args.lr_ra, template=template, batch_size=args.batch_size)
+    path = Path(args.save)
+    if len(args.shots) > 1:
+        path = path.with_name(f"{path.stem}_{shots}shot{path.suffix or '.safetensors'}")
+    patch.save(path)
+    print(f"saved the structured {shots}-shot patch to {path}")
+    return {
+        "n_test_all": len(test),
+        "all_original": float(structured_accuracy(model, None, test, batch_size=args.batch_size).mean()),
+        "structured": float(structured_accuracy(model, patch, test, batch_size=args.batch_size).mean()),
+    }
+
+
 def _patching_unit(model, part: str, train, test, lrs: list[float], args: argparse.Namespace):
     """One checkpoint unit: the RA sweep, the FA sweep (``PatchingSweep``) or the iterative run (``IterativePatching``)."""
     from tl_reversed.experiments.attention_patching import average_maps, evaluate_patching, iterative_patching
@@ -187,6 +223,8 @@ def patching_markdown(table, args: argparse.Namespace) -> str:
     header = ["shots", "length", "train / test", "original", f"FA (lr {args.lr_fa:+g})", f"RA (lr {args.lr_ra:+g})", "FA best lr", "RA best lr"]
     if "iterative" in table:
         header.append(f"iterative RA (lr {args.iter_lr:+g}, {args.steps} steps; best step)")
+    if "structured" in table:
+        header.append("structured RA, every length (original; n test)")
     rows = []
     for _, r in table.iterrows():
         row = [
@@ -201,6 +239,8 @@ def patching_markdown(table, args: argparse.Namespace) -> str:
         ]
         if "iterative" in table:
             row.append(f"{r['iterative']:.2f} ({r['iterative_best']:.2f})")
+        if "structured" in table:
+            row.append(f"{r['structured']:.2f} ({r['all_original']:.2f}; {int(r['n_test_all'])})")
         rows.append(row)
     return markdown_table(header, rows)
 
