@@ -158,3 +158,17 @@ def test_stopping_rule_reads_only_the_training_prompts(model):
     assert torch.equal(a.patch, b.patch)
     fixed = iterative_patching(model, train, test, lr=-10.0, steps=2, progress=False)
     assert fixed.chosen_step == 2 and len(fixed.accuracy) == 3
+
+
+@pytest.mark.embedded
+def test_segments_match_the_embedded_tokenizer(embedded_model):
+    from tl_reversed.experiments.tasks import make_examples
+
+    for example in make_examples("capitalize", shots=2, n=5, model=embedded_model):
+        strings = embedded_model.to_str_tokens(example.prompt)
+        spans = token_segments(embedded_model, example.prompt)
+        assert spans[0] == ("bos", 0, 1) and spans[-1][2] == len(strings)
+        text = {name: "".join(strings[a:b]) for name, a, b in spans}
+        assert text["query.x"] == f" {example.x}" and text["query.A"] == "\nA:"
+        assert [text[f"demo{i}.y"] for i in range(2)] == [f" {y}" for _, y in example.demos]
+        assert [text[f"demo{i}.sep"] for i in range(2)] == ["\n\n", "\n\n"]
