@@ -172,3 +172,22 @@ def test_segments_match_the_embedded_tokenizer(embedded_model):
         assert text["query.x"] == f" {example.x}" and text["query.A"] == "\nA:"
         assert [text[f"demo{i}.y"] for i in range(2)] == [f" {y}" for _, y in example.demos]
         assert [text[f"demo{i}.sep"] for i in range(2)] == ["\n\n", "\n\n"]
+
+
+def test_apply_patch_top_tokens_and_missing_file(model, tmp_path, capsys):
+    from tl_reversed.commands.apply_patch import top_tokens
+    from tl_reversed.commands.cli import main
+
+    patch = StructuredPatch.load(structured_maps(model, examples(LONG)).save(tmp_path / "p.safetensors"))
+    prompts = ["Q: ab\nA:", "Q: abcdef\nA:"]
+    table = top_tokens(model, prompts, patch, None, None, 3)
+    assert len(table) == 2 * 2 * 3
+    for patched, hooks in ((False, []), (True, patch.hooks(model, prompts))):
+        logits = last_logits(model, prompts, hooks)
+        for i, prompt in enumerate(prompts):
+            rows = table[(table.prompt == prompt) & (table.patched == patched)]
+            top = logits[i].softmax(-1).topk(3)
+            assert rows.token.tolist() == [model.to_string(t) for t in top.indices]
+            assert rows.prob.tolist() == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert main(["apply-patch", "--patch", str(tmp_path / "missing.safetensors"), "--prompt", "Q: a\nA:"]) == 2
+    assert "no such file; write one with tl-reversed patching ... --save PATCH" in capsys.readouterr().err
