@@ -191,3 +191,13 @@ def test_apply_patch_top_tokens_and_missing_file(model, tmp_path, capsys):
             assert rows.prob.tolist() == pytest.approx(top.values.tolist(), abs=1e-6)
     assert main(["apply-patch", "--patch", str(tmp_path / "missing.safetensors"), "--prompt", "Q: a\nA:"]) == 2
     assert "no such file; write one with tl-reversed patching ... --save PATCH" in capsys.readouterr().err
+
+
+def test_patching_cli_takes_steps_auto_and_save():
+    from tl_reversed.commands.cli import build_parser
+
+    args = build_parser().parse_args(["patching", "--task", "capitalize", "--iterative", "--steps", "auto", "--max-steps", "8",
+                                      "--tol", "0.01", "--save", "p.safetensors"])  # fmt: skip
+    assert (args.steps, args.max_steps, args.tol, args.save) == ("auto", 8, 0.01, "p.safetensors")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["patching", "--task", "capitalize", "--steps", "often"])

@@ -50,6 +50,16 @@ def float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,-10,-30 or 'paper', got {text!r}") from None
 
 
+def steps_arg(text: str) -> int | str:
+    """``"5"`` -> ``5``; ``"auto"`` -> ``"auto"`` (argparse type)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or 'auto', got {text!r}") from None
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "patching",
@@ -68,7 +78,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--lr-ra", type=float, default=-30.0, help="the RA lr of the table (default -30, the paper's)")
     parser.add_argument("--lr-fa", type=float, default=1.0, help="the forward-attention lr of the table (default +1, the paper's)")
     parser.add_argument("--iter-lr", type=float, default=-10.0, help="lr of each iterative step (default -10)")
-    parser.add_argument("--steps", type=int, default=5, help="iterative steps (default 5)")
+    parser.add_argument("--steps", type=steps_arg, default=5,
+                        help="iterative steps, or 'auto': stop when the training loss plateaus (below --tol, relative) "
+                        "and keep the step of lowest training loss, chosen on the training prompts only (default 5)")
+    parser.add_argument("--max-steps", type=int, default=10, help="with --steps auto: at most this many steps (default 10)")
+    parser.add_argument("--tol", type=float, default=1e-3, help="with --steps auto: the relative loss improvement that counts (default 0.001)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the demonstrations")
     parser.add_argument("--template", type=int, default=0, help="relation tasks: which prompt template (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
@@ -105,12 +119,12 @@ def run(args: argparse.Namespace) -> int:
     from tl_reversed.experiments.tasks import load_task, make_examples
 
     task = load_task(args.task).name
-    if args.steps < 1:
+    if args.steps != "auto" and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     out = writable_folder(args.out)
     lrs = list(dict.fromkeys([*args.lrs, args.lr_ra, args.lr_fa, 0.0]))
     settings = {k: getattr(args, k) for k in ("model", "n_train", "n_test", "seed", "template", "batch_size")}
-    checkpoint = Checkpoint(out, f"{task}_patching", {"task": task, "lrs": lrs, "iter_lr": args.iter_lr, "steps": args.steps, **settings}, enabled=not args.no_resume)
+    checkpoint = Checkpoint(out, f"{task}_patching", {"task": task, "lrs": lrs, "iter_lr": args.iter_lr, "steps": args.steps, "max_steps": args.max_steps, "tol": args.tol, **settings}, enabled=not args.no_resume)
     model = load_cli_model(args)
 
     rows, sweeps, iterations, seconds = [], [], [], 0.0
@@ -151,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         sweeps += [{"task": task, "shots": shots, "source": part, "lr": lr, "accuracy": acc} for part in ("ra", "fa") for lr, acc in zip(units[part].lrs, units[part].accuracy)]
         if args.iterative:
             it = units["iterative"]
-            row.update(iterative_lr=args.iter_lr, iterative_steps=args.steps, iterative=it.accuracy[-1], iterative_best=max(it.accuracy))
+            chosen = it.chosen_step if it.chosen_step is not None else len(it.accuracy) - 1
+            row.update(iterative_lr=args.iter_lr, iterative_steps=args.steps, iterative_chosen_step=chosen,
+                       iterative=it.accuracy[chosen], iterative_best=max(it.accuracy))  # fmt: skip
             iterations += [
                 {"task": task, "shots": shots, "step": step, "lr": args.iter_lr, "accuracy": acc, "train_loss": loss}
                 for step, (acc, loss) in enumerate(zip(it.accuracy, it.train_loss))
@@ -213,7 +229,8 @@ def _patching_unit(model, part: str, train, test, lrs: list[float], args: argpar
     from tl_reversed.experiments.attention_patching import average_maps, evaluate_patching, iterative_patching
 
     if part == "iterative":
-        return iterative_patching(model, train, test, lr=args.iter_lr, steps=args.steps, batch_size=args.batch_size)
+        return iterative_patching(model, train, test, lr=args.iter_lr, steps=args.steps, max_steps=args.max_steps,
+                                  tol=args.tol, batch_size=args.batch_size)  # fmt: skip
     maps = average_maps(model, train, part, batch_size=args.batch_size)
     return evaluate_patching(model, train, test, part, lrs, maps=maps, batch_size=args.batch_size)
 
@@ -222,7 +239,7 @@ def patching_markdown(table, args: argparse.Namespace) -> str:
     """Shot counts as rows: original, FA, RA (paper lrs), best lr of each, iterative RA."""
     header = ["shots", "length", "train / test", "original", f"FA (lr {args.lr_fa:+g})", f"RA (lr {args.lr_ra:+g})", "FA best lr", "RA best lr"]
     if "iterative" in table:
-        header.append(f"iterative RA (lr {args.iter_lr:+g}, {args.steps} steps; best step)")
+        header.append(f"iterative RA (lr {args.iter_lr:+g}, {args.steps} steps; chosen step; best step)")
     if "structured" in table:
         header.append("structured RA, every length (original; n test)")
     rows = []
@@ -238,7 +255,7 @@ def patching_markdown(table, args: argparse.Namespace) -> str:
             f"{r['ra_best']:.2f} ({r['ra_best_lr']:+g})",
         ]
         if "iterative" in table:
-            row.append(f"{r['iterative']:.2f} ({r['iterative_best']:.2f})")
+            row.append(f"{r['iterative']:.2f} (step {int(r['iterative_chosen_step'])}; {r['iterative_best']:.2f})")
         if "structured" in table:
             row.append(f"{r['structured']:.2f} ({r['all_original']:.2f}; {int(r['n_test_all'])})")
         rows.append(row)
