@@ -201,3 +201,23 @@ def test_patching_cli_takes_steps_auto_and_save():
     assert (args.steps, args.max_steps, args.tol, args.save) == ("auto", 8, 0.01, "p.safetensors")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["patching", "--task", "capitalize", "--steps", "often"])
+
+
+def test_patching_table_and_plot_with_steps_auto():
+    import argparse
+
+    import pandas as pd
+
+    from tl_reversed.commands.patching import patching_markdown, plot_sweeps
+
+    table = pd.DataFrame([{"shots": 1, "length": 16, "n_train": 12, "n_test": 30, "original": 0.1, "fa": 0.1, "ra": 0.5,
+                           "fa_best_lr": 1.0, "fa_best": 0.2, "ra_best_lr": -10.0, "ra_best": 0.9, "iterative_lr": -10.0,
+                           "iterative_steps": "auto", "iterative_chosen_step": 6, "iterative": 1.0, "iterative_best": 1.0,
+                           "n_test_all": 30, "all_original": 0.1, "structured": 0.97}])  # fmt: skip
+    args = argparse.Namespace(lr_fa=1.0, lr_ra=-30.0, iter_lr=-10.0, steps="auto")
+    markdown = patching_markdown(table, args)
+    assert "iterative RA (lr -10, auto steps; chosen step; best step)" in markdown and "| 1.00 (step 6; 1.00) |" in markdown
+    assert "| 0.97 (0.10; 30) |" in markdown
+    sweeps = pd.DataFrame([{"shots": 1, "source": s, "lr": lr, "accuracy": 0.5} for s in ("ra", "fa") for lr in (-10.0, 1.0)])
+    fig = plot_sweeps(table, sweeps, pd.DataFrame(), "capitalize")
+    assert "iterative RA (step 6, lr -10) (1.00)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

@@ -275,7 +275,7 @@ def plot_sweeps(table, sweeps, iterations, task: str):
         part = sweeps[sweeps["shots"] == shots]
         baselines = {"no patch": row["original"]}
         if "iterative" in table:
-            baselines[f"iterative RA ({int(row['iterative_steps'])} steps, lr {row['iterative_lr']:g})"] = row["iterative"]
+            baselines[f"iterative RA (step {int(row['iterative_chosen_step'])}, lr {row['iterative_lr']:g})"] = row["iterative"]
         title = f"{task}, {shots}-shot (length {int(row['length'])}, {int(row['n_test'])} test)"
         plot_lr_sweep(part.assign(source=part["source"].str.upper() + " patch"), baselines, title, ax=ax, xscale="symlog")
         if ax is not axes[0]:
