@@ -14,8 +14,8 @@ import sys
 from tl_reversed import __version__
 from tl_reversed.commands.common import CommandError
 
-COMMANDS = ("heads", "demo", "lens", "graph", "perturbation", "patching", "tasks")
-"""Subcommand modules; each has ``add_parser(subparsers)`` and ``run(args) -> int``."""
+COMMANDS = ("heads", "demo", "lens", "graph", "perturbation", "patching", "apply-patch", "tasks")
+"""Subcommands; each module (the name with ``_`` for ``-``) has ``add_parser(subparsers)`` and ``run(args) -> int``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tl-reversed {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        module = importlib.import_module(f"tl_reversed.commands.{name}")
+        module = importlib.import_module(f"tl_reversed.commands.{name.replace('-', '_')}")
         sub = module.add_parser(subparsers)
         sub.set_defaults(run=module.run)
     return parser

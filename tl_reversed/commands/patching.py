@@ -13,6 +13,13 @@ current patch, add ``lr * RA``) and report accuracy after each step. Writes, und
     {task}_iterative.csv    one row per (shots, step): accuracy, training loss (--iterative)
     {task}_patching.md      the table, with the command that made it
     {task}_sweep.png        accuracy against lr, one panel per shot count
+
+With ``--save PATCH``, also learn a structured (length-independent) RA patch on the
+training prompts of every length (:func:`tl_reversed.experiments.structured_patch.structured_maps`,
+lr ``--lr-ra``), save it to ``PATCH`` (``PATCH_{shots}shot.safetensors`` for several shot
+counts; apply it with ``tl-reversed apply-patch``) and add its accuracy on the test prompts
+of every length, and the unpatched accuracy on them, to the table (``structured``,
+``all_original``, ``n_test_all``).
 """
 
 from __future__ import annotations
@@ -43,6 +50,16 @@ def float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,-10,-30 or 'paper', got {text!r}") from None
 
 
+def steps_arg(text: str) -> int | str:
+    """``"5"`` -> ``5``; ``"auto"`` -> ``"auto"`` (argparse type)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or 'auto', got {text!r}") from None
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "patching",
@@ -61,12 +78,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--lr-ra", type=float, default=-30.0, help="the RA lr of the table (default -30, the paper's)")
     parser.add_argument("--lr-fa", type=float, default=1.0, help="the forward-attention lr of the table (default +1, the paper's)")
     parser.add_argument("--iter-lr", type=float, default=-10.0, help="lr of each iterative step (default -10)")
-    parser.add_argument("--steps", type=int, default=5, help="iterative steps (default 5)")
+    parser.add_argument("--steps", type=steps_arg, default=5,
+                        help="iterative steps, or 'auto': stop when the training loss plateaus (below --tol, relative) "
+                        "and keep the step of lowest training loss, chosen on the training prompts only (default 5)")
+    parser.add_argument("--max-steps", type=int, default=10, help="with --steps auto: at most this many steps (default 10)")
+    parser.add_argument("--tol", type=float, default=1e-3, help="with --steps auto: the relative loss improvement that counts (default 0.001)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the demonstrations")
     parser.add_argument("--template", type=int, default=0, help="relation tasks: which prompt template (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     parser.add_argument("--out", default="out/patching", help="output folder (default out/patching)")
     parser.add_argument("--no-resume", action="store_true", help="recompute steps saved by an interrupted run")
+    parser.add_argument("--save", default=None, metavar="PATCH",
+                        help="also learn a structured RA patch on training prompts of every length, save it to PATCH "
+                        "(.safetensors; PATCH_{shots}shot.safetensors for several shot counts) and test it on every length")  # fmt: skip
     add_model_argument(parser)
     return parser
 
@@ -95,12 +119,12 @@ def run(args: argparse.Namespace) -> int:
     from tl_reversed.experiments.tasks import load_task, make_examples
 
     task = load_task(args.task).name
-    if args.steps < 1:
+    if args.steps != "auto" and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     out = writable_folder(args.out)
     lrs = list(dict.fromkeys([*args.lrs, args.lr_ra, args.lr_fa, 0.0]))
     settings = {k: getattr(args, k) for k in ("model", "n_train", "n_test", "seed", "template", "batch_size")}
-    checkpoint = Checkpoint(out, f"{task}_patching", {"task": task, "lrs": lrs, "iter_lr": args.iter_lr, "steps": args.steps, **settings}, enabled=not args.no_resume)
+    checkpoint = Checkpoint(out, f"{task}_patching", {"task": task, "lrs": lrs, "iter_lr": args.iter_lr, "steps": args.steps, "max_steps": args.max_steps, "tol": args.tol, **settings}, enabled=not args.no_resume)
     model = load_cli_model(args)
 
     rows, sweeps, iterations, seconds = [], [], [], 0.0
@@ -141,11 +165,15 @@ def run(args: argparse.Namespace) -> int:
         sweeps += [{"task": task, "shots": shots, "source": part, "lr": lr, "accuracy": acc} for part in ("ra", "fa") for lr, acc in zip(units[part].lrs, units[part].accuracy)]
         if args.iterative:
             it = units["iterative"]
-            row.update(iterative_lr=args.iter_lr, iterative_steps=args.steps, iterative=it.accuracy[-1], iterative_best=max(it.accuracy))
+            chosen = it.chosen_step if it.chosen_step is not None else len(it.accuracy) - 1
+            row.update(iterative_lr=args.iter_lr, iterative_steps=args.steps, iterative_chosen_step=chosen,
+                       iterative=it.accuracy[chosen], iterative_best=max(it.accuracy))  # fmt: skip
             iterations += [
                 {"task": task, "shots": shots, "step": step, "lr": args.iter_lr, "accuracy": acc, "train_loss": loss}
                 for step, (acc, loss) in enumerate(zip(it.accuracy, it.train_loss))
             ]
+        if args.save:
+            row.update(_save_structured(model, task, shots, common, args))
         rows.append(row)
     bar.close()
 
@@ -172,12 +200,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save_structured(model, task: str, shots: int, common: dict, args: argparse.Namespace) -> dict:
+    """Learn the structured RA patch on training prompts of every length, save it, test it on every length."""
+    from pathlib import Path
+
+    from tl_reversed.experiments.structured_patch import structured_accuracy, structured_maps
+    from tl_reversed.experiments.tasks import load_task, make_examples
+
+    task_info = load_task(task)
+    template = None if task_info.kind == "icl" else task_info.templates[args.template]
+    train = make_examples(task, split="train", n=args.n_train, **common)
+    test = make_examples(task, split="test", n=args.n_test, **common)
+    patch = structured_maps(model, train, "ra", lr=args.lr_ra, template=template, batch_size=args.batch_size)
+    path = Path(args.save)
+    if len(args.shots) > 1:
+        path = path.with_name(f"{path.stem}_{shots}shot{path.suffix or '.safetensors'}")
+    patch.save(path)
+    print(f"saved the structured {shots}-shot patch to {path}")
+    return {
+        "n_test_all": len(test),
+        "all_original": float(structured_accuracy(model, None, test, batch_size=args.batch_size).mean()),
+        "structured": float(structured_accuracy(model, patch, test, batch_size=args.batch_size).mean()),
+    }
+
+
 def _patching_unit(model, part: str, train, test, lrs: list[float], args: argparse.Namespace):
     """One checkpoint unit: the RA sweep, the FA sweep (``PatchingSweep``) or the iterative run (``IterativePatching``)."""
     from tl_reversed.experiments.attention_patching import average_maps, evaluate_patching, iterative_patching
 
     if part == "iterative":
-        return iterative_patching(model, train, test, lr=args.iter_lr, steps=args.steps, batch_size=args.batch_size)
+        return iterative_patching(model, train, test, lr=args.iter_lr, steps=args.steps, max_steps=args.max_steps,
+                                  tol=args.tol, batch_size=args.batch_size)  # fmt: skip
     maps = average_maps(model, train, part, batch_size=args.batch_size)
     return evaluate_patching(model, train, test, part, lrs, maps=maps, batch_size=args.batch_size)
 
@@ -186,7 +239,9 @@ def patching_markdown(table, args: argparse.Namespace) -> str:
     """Shot counts as rows: original, FA, RA (paper lrs), best lr of each, iterative RA."""
     header = ["shots", "length", "train / test", "original", f"FA (lr {args.lr_fa:+g})", f"RA (lr {args.lr_ra:+g})", "FA best lr", "RA best lr"]
     if "iterative" in table:
-        header.append(f"iterative RA (lr {args.iter_lr:+g}, {args.steps} steps; best step)")
+        header.append(f"iterative RA (lr {args.iter_lr:+g}, {args.steps} steps; chosen step; best step)")
+    if "structured" in table:
+        header.append("structured RA, every length (original; n test)")
     rows = []
     for _, r in table.iterrows():
         row = [
@@ -200,7 +255,9 @@ def patching_markdown(table, args: argparse.Namespace) -> str:
             f"{r['ra_best']:.2f} ({r['ra_best_lr']:+g})",
         ]
         if "iterative" in table:
-            row.append(f"{r['iterative']:.2f} ({r['iterative_best']:.2f})")
+            row.append(f"{r['iterative']:.2f} (step {int(r['iterative_chosen_step'])}; {r['iterative_best']:.2f})")
+        if "structured" in table:
+            row.append(f"{r['structured']:.2f} ({r['all_original']:.2f}; {int(r['n_test_all'])})")
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -218,7 +275,7 @@ def plot_sweeps(table, sweeps, iterations, task: str):
         part = sweeps[sweeps["shots"] == shots]
         baselines = {"no patch": row["original"]}
         if "iterative" in table:
-            baselines[f"iterative RA ({int(row['iterative_steps'])} steps, lr {row['iterative_lr']:g})"] = row["iterative"]
+            baselines[f"iterative RA (step {int(row['iterative_chosen_step'])}, lr {row['iterative_lr']:g})"] = row["iterative"]
         title = f"{task}, {shots}-shot (length {int(row['length'])}, {int(row['n_test'])} test)"
         plot_lr_sweep(part.assign(source=part["source"].str.upper() + " patch"), baselines, title, ax=ax, xscale="symlog")
         if ax is not axes[0]:

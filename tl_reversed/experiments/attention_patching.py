@@ -238,6 +238,9 @@ class IterativePatching(Result):
             ``attention_patch(model, result.patch, lr=1)``).
         length, n_train, n_test: prompt length and set sizes.
         seconds: wall time.
+        chosen_step: the step whose patch :attr:`patch` is (``steps`` for a fixed count;
+            with ``steps="auto"``, the step of lowest training loss, chosen on the
+            training prompts alone).
     """
 
     lr: float
@@ -248,6 +251,7 @@ class IterativePatching(Result):
     n_train: int
     n_test: int
     seconds: float = 0.0
+    chosen_step: int | None = None
 
     @property
     def steps(self) -> list[int]:
@@ -275,8 +279,11 @@ def iterative_patching(
     train: object,
     test: object,
     lr: float = -10.0,
-    steps: int = 5,
+    steps: int | str = 5,
     *,
+    max_steps: int = 10,
+    tol: float = 1e-3,
+    threshold: float = 0.0,
     batch_size: int | None = 16,
     progress: bool | None = None,
 ) -> IterativePatching:
@@ -287,9 +294,15 @@ def iterative_patching(
     (at ``hook_z``, so RA stays the exact gradient of the patched model) and adds
     ``lr * RA`` to it. Test accuracy is measured after every step. ``progress``: a bar
     over the steps (``None``: when there is more than one; see :mod:`tl_reversed.core.options`).
+
+    ``steps="auto"``: stop on the training prompts alone, never the test set: after at
+    most ``max_steps`` steps, or as soon as the training loss reaches ``threshold`` or
+    falls by less than ``tol`` (relative) below the best loss so far; the result's patch
+    is the one of lowest training loss (``chosen_step``).
     """
-    steps = positive_int(steps, "steps")
-    lr = finite_float(lr, "lr")
+    auto = steps == "auto"
+    steps = positive_int(max_steps if auto else steps, "max_steps" if auto else "steps")  # type: ignore[arg-type]
+    lr, tol, threshold = finite_float(lr, "lr"), finite_float(tol, "tol"), finite_float(threshold, "threshold")
     optional_batch_size(batch_size)
     start = time.perf_counter()
     spec, device = describe(model), model_device(model)
@@ -297,21 +310,35 @@ def iterative_patching(
     length = single_length(train_batch, "iterative_patching: the training prompts")
     batch = _test_batch(model, test, length, spec)
     patch = torch.zeros(spec.n_layers, spec.n_heads, length, length)
-    accuracies, losses = [accuracy(model, batch, batch_size=batch_size)], []
-    for _ in tqdm(range(steps), desc=f"iterative RA, lr {lr:g}", disable=not show_progress(progress, steps), leave=False):
+    accuracies, losses, patches = [accuracy(model, batch, batch_size=batch_size)], [], [patch]
+    stopped = False
+    for step in tqdm(range(steps), desc=f"iterative RA, lr {lr:g}", disable=not show_progress(progress, steps), leave=False):
         current = patch_hooks(spec, device, patch, 1.0) if bool(patch.any()) else []
         maps = mean_maps(model, spec, train_batch, "ra", batch_size, False, current)
         losses.append(maps.loss)
+        if auto and step > 0 and _plateau(losses, tol, threshold):
+            stopped = True
+            break
         patch = patch + float(lr) * maps.maps
+        patches.append(patch)
         accuracies.append(accuracy(model, batch, patch_hooks(spec, device, patch, 1.0), batch_size=batch_size))
-    losses.append(_train_loss(model, train_batch, patch_hooks(spec, device, patch, 1.0), batch_size))
+    if not stopped:
+        losses.append(_train_loss(model, train_batch, patch_hooks(spec, device, patch, 1.0), batch_size))
+    chosen = min(range(len(losses)), key=lambda s: (losses[s], s)) if auto else steps
     return IterativePatching(
         lr=float(lr),
         accuracy=accuracies,
         train_loss=losses,
-        patch=patch,
+        patch=patches[chosen],
         length=length,
         n_train=maps.n_examples,
         n_test=len(batch),
         seconds=time.perf_counter() - start,
+        chosen_step=chosen,
     )
+
+
+def _plateau(losses: Sequence[float], tol: float, threshold: float) -> bool:
+    """Whether the last training loss reached ``threshold`` or improved on the best before it by less than ``tol`` (relative)."""
+    best = min(losses[:-1])
+    return losses[-1] <= threshold or losses[-1] > best - tol * abs(best)

@@ -218,12 +218,40 @@ def _length_error(actual: int, expected: int) -> ValueError:
     )
 
 
+def head_mask(norms: Float[Tensor, "layer head"], heads: object = None, top_k: float | None = None) -> Tensor | None:
+    """Which heads a sparse patch keeps: ``[layer, head]`` booleans, or None for every head.
+
+    ``heads``: ``[(layer, head), ...]``; ``top_k``: a fraction of all heads in (0, 1]
+    (a float, at least one head) or a number of heads (an int), the largest by ``norms``.
+    """
+    if heads is not None and top_k is not None:
+        raise ValueError("give heads=[(layer, head), ...] or top_k=..., not both")
+    n_layers, n_heads = norms.shape
+    mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    if heads is not None:
+        for layer, head in heads:  # type: ignore[attr-defined]
+            if not (0 <= layer < n_layers and 0 <= head < n_heads):
+                raise ValueError(f"head ({layer}, {head}) is outside the model's {n_layers} layers x {n_heads} heads")
+            mask[layer, head] = True
+        return mask
+    if top_k is None:
+        return None
+    total = n_layers * n_heads
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or top_k <= 0 or (isinstance(top_k, float) and top_k > 1):
+        raise ValueError(f"top_k must be a fraction in (0, 1] (a float) or a number of heads (an int >= 1), got {top_k!r}")
+    k = min(int(top_k), total) if isinstance(top_k, int) else max(1, round(top_k * total))
+    mask.view(-1)[norms.flatten().topk(k).indices] = True
+    return mask
+
+
 def attention_patch_hooks(
     model: Model,
     maps: object,
     lr: float,
     *,
     at: PatchPoint = "z",
+    heads: object = None,
+    top_k: float | None = None,
 ) -> list[Hook]:
     """The attention patch ``pattern += lr * maps`` as ``(hook_name, fn)`` forward hooks.
 
@@ -238,16 +266,23 @@ def attention_patch_hooks(
             ``hook_z``, with ``V`` from ``hook_v`` of the same layer and forward pass;
             ``"pattern"``: add ``lr * maps`` at ``hook_pattern`` (only where the bridge
             computes attention itself).
+        heads, top_k: patch only these heads (``[(layer, head), ...]``) or the top ``k``
+            by map norm (a fraction in (0, 1] or a number of heads); see :func:`head_mask`.
     """
-    return patch_hooks(describe(model), model_device(model), maps, lr, at=at)
+    return patch_hooks(describe(model), model_device(model), maps, lr, at=at, heads=heads, top_k=top_k)
 
 
-def patch_hooks(spec: ModelSpec, device: torch.device, maps: object, lr: float, *, at: PatchPoint = "z") -> list[Hook]:
+def patch_hooks(spec: ModelSpec, device: torch.device, maps: object, lr: float, *, at: PatchPoint = "z",
+                heads: object = None, top_k: float | None = None) -> list[Hook]:  # fmt: skip
     """:func:`attention_patch_hooks` for a model already described (``spec``) on ``device``."""
     check_option("at", at, PATCH_POINTS)
     tensor = _as_tensor(maps)
     _check_maps(tensor, spec)
-    delta = (finite_float(lr, "lr") * tensor.detach().float()).to(device)
+    delta = finite_float(lr, "lr") * tensor.detach().float()
+    mask = head_mask(delta.flatten(-2).norm(dim=-1), heads, top_k)
+    if mask is not None:
+        delta = delta * mask[:, :, None, None]
+    delta = delta.to(device)
     if at == "pattern":
         if not spec.pattern_editable:
             raise ValueError(
@@ -294,12 +329,25 @@ def _add_at_z(delta: Float[Tensor, "head query_pos key_pos"], stash: dict[str, T
 
 
 @contextmanager
-def attention_patch(model: Model, maps: object, lr: float, *, at: PatchPoint = "z") -> Iterator[Model]:
+def attention_patch(model: Model, maps: object, lr: float | None = None, *, at: PatchPoint = "z", prompts: object = None,
+                    heads: object = None, top_k: float | None = None) -> Iterator[Model]:  # fmt: skip
     """Context manager: inside it, every head's attention is ``pattern + lr * maps``.
+
+    ``maps`` may also be a :class:`~tl_reversed.experiments.structured_patch.StructuredPatch`
+    (any prompt length): give the ``prompts`` the model will read (right-padded);
+    ``lr`` then defaults to the patch's own.
 
     >>> maps = average_maps(model, train_group)            # doctest: +SKIP
     >>> with attention_patch(model, maps, lr=-30):         # doctest: +SKIP
     ...     logits = model(test_tokens)
     """
-    with model.hooks(fwd_hooks=attention_patch_hooks(model, maps, lr, at=at)):  # type: ignore[operator]
+    if hasattr(maps, "cell_ids"):  # a StructuredPatch (imported lazily: it builds on this module)
+        if prompts is None:
+            raise TypeError("a StructuredPatch is laid out per prompt: pass prompts=[...] (the prompts the model will read)")
+        hooks = maps.hooks(model, prompts, lr=lr, heads=heads, top_k=top_k)  # type: ignore[attr-defined]
+    else:
+        if lr is None:
+            raise TypeError("attention_patch(model, maps, lr): give the lr (the paper: -30 for RA, +1 for forward attention)")
+        hooks = attention_patch_hooks(model, maps, lr, at=at, heads=heads, top_k=top_k)
+    with model.hooks(fwd_hooks=hooks):  # type: ignore[operator]
         yield model

@@ -68,6 +68,7 @@ __all__ = [
     "load_task",
     "make_examples",
     "normalise_task_name",
+    "prompt_segments",
     "relation_prompt",
     "same_length_groups",
     "shuffled_labels",
@@ -102,6 +103,71 @@ def relation_prompt(template: str, x: str, demos: Iterable[Pair] = ()) -> str:
         raise ValueError(f"Template {template!r} has no '{{}}' slot for the subject.")
     lines = [f"{template.format(dx)} {dy}" for dx, dy in demos]
     return "\n".join([*lines, template.format(x)])
+
+
+Segment = tuple[str, int, int]
+"""A named span of a prompt: ``(name, start, end)`` (characters here, tokens in
+:func:`tl_reversed.experiments.structured_patch.token_segments`)."""
+
+
+def prompt_segments(prompt: str, template: str | None = None) -> list[Segment]:
+    """The template segments of a prompt as character spans ``(name, start, end)``, in order.
+
+    ICL prompts (``template=None``, :func:`icl_prompt`): per demonstration ``i``,
+    ``demo{i}.Q`` (``"Q:"``), ``demo{i}.x`` (``" {x}"``), ``demo{i}.A`` (``"\\nA:"``),
+    ``demo{i}.y`` (``" {y}"``), ``demo{i}.sep`` (``"\\n\\n"``); then ``query.Q``,
+    ``query.x``, ``query.A``. Relation prompts (:func:`relation_prompt` with ``template``):
+    per demonstration ``demo{i}.pre``, ``demo{i}.x``, ``demo{i}.post``, ``demo{i}.y``,
+    ``demo{i}.sep`` (``"\\n"``); then ``query.pre``, ``query.x``, ``query.post``. A space
+    before an input or an answer belongs to it (tokenizers attach it to the next word).
+    The spans cover the prompt exactly; a prompt not of the format raises ValueError.
+    """
+    pieces = _icl_pieces(prompt) if template is None else _relation_pieces(prompt, template)
+    spans, start = [], 0
+    for name, text in pieces:
+        spans.append((name, start, start + len(text)))
+        start += len(text)
+    assert "".join(text for _, text in pieces) == prompt
+    return spans
+
+
+def _not_format(prompt: str, what: str) -> ValueError:
+    return ValueError(f"prompt {prompt!r} is not {what}: build it with tl_reversed.experiments.tasks.make_examples")
+
+
+def _icl_pieces(prompt: str) -> list[tuple[str, str]]:
+    blocks = prompt.split("\n\n")
+    pieces: list[tuple[str, str]] = []
+    for i, block in enumerate(blocks):
+        last = i == len(blocks) - 1
+        name = "query" if last else f"demo{i}"
+        cut = block.rfind("\nA:")
+        if not block.startswith("Q:") or cut < 2 or (last and cut != len(block) - 3) or (not last and block[cut + 3 : cut + 4] != " "):
+            raise _not_format(prompt, "in the ICL format 'Q: {x}\\nA: {y}\\n\\n...Q: {x}\\nA:'")
+        pieces += [(f"{name}.Q", "Q:"), (f"{name}.x", block[2:cut]), (f"{name}.A", "\nA:")]
+        if not last:
+            pieces += [(f"{name}.y", block[cut + 3 :]), (f"{name}.sep", "\n\n")]
+    return pieces
+
+
+def _relation_pieces(prompt: str, template: str) -> list[tuple[str, str]]:
+    if template.count("{}") != 1:
+        raise ValueError(f"template {template!r} must have exactly one '{{}}' slot")
+    pre, post = template.split("{}")
+    space = len(pre) - len(pre.rstrip(" "))
+    lines = prompt.split("\n")
+    pieces: list[tuple[str, str]] = []
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        name = "query" if last else f"demo{i}"
+        end = len(line) if last else line.rfind(f"{post} ") + len(post) if post else line.rfind(" ")
+        if not line.startswith(pre) or end < len(pre) or not line[:end].endswith(post) or (last and end != len(line)):
+            raise _not_format(prompt, f"in the relation format of template {template!r}")
+        x_start = len(pre) - space
+        pieces += [(f"{name}.pre", line[:x_start]), (f"{name}.x", line[x_start : end - len(post)]), (f"{name}.post", post)]
+        if not last:
+            pieces += [(f"{name}.y", line[end:]), (f"{name}.sep", "\n")]
+    return pieces
 
 
 def _target(y: str) -> str:
