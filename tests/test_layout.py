@@ -206,3 +206,63 @@ def test_no_module_over_500_lines():
     assert not long, f"modules over {MAX_LINES} lines (split them): " + ", ".join(
         f"{name} ({n})" for name, n in sorted(long.items(), key=lambda item: -item[1])
     )
+
+
+def module_level_graph(found: dict[str, Path]) -> dict[str, set[str]]:
+    """Which tl_reversed modules each module imports at module level (aliases resolved)."""
+    alias_of = aliases(found)
+    graph: dict[str, set[str]] = {}
+    for name, path in found.items():
+        if "." not in name.removeprefix("tl_reversed.") and name != "tl_reversed":  # aliases and the root
+            continue
+        targets = set()
+        for imp in imports(path.read_text(), name, path.name == "__init__.py"):
+            if imp.in_function:
+                continue
+            for target in [imp.target, *(f"{imp.target}.{n}" for n in imp.names)]:
+                target = alias_of.get(target, target)
+                if target in found and target != name and target != "tl_reversed":
+                    targets.add(target)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles of a module graph (each found once, from its first module)."""
+    found, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_cycle_checker_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle():
+    found = cycles(module_level_graph(modules()))
+    assert not found, "module-level import cycles: " + "; ".join(" -> ".join(c) for c in found)
+
+
+def test_no_function_takes_ten_positional_parameters():
+    """Long positional signatures are hard to call right: past nine, make them keyword-only."""
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(positional) >= 10:
+                    long.append(f"{name}.{node.name} ({len(positional)})")
+    assert not long, "functions with 10+ positional parameters: " + ", ".join(long)

@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
             saved = checkpoint.load(key)
             if saved is None:
                 start = time.perf_counter()
-                results = _ranking_unit(model, method, train, corrupted, test, args, cache, head_scores, perturbation_test)
+                results = _ranking_unit(model, method, train=train, corrupted=corrupted, test=test, args=args, cache=cache,
+                                         head_scores=head_scores, perturbation_test=perturbation_test)
                 saved = results, {"seconds": time.perf_counter() - start}
                 checkpoint.save(key, *saved)
             units.append(_unit_rows(task, shots, len(train), len(test), *saved))
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ranking_unit(model, method, train, corrupted, test, args, cache, head_scores, perturbation_test) -> dict:
+def _ranking_unit(model, method, *, train, corrupted, test, args, cache, head_scores, perturbation_test) -> dict:
     """Score the heads by one method and run its perturbation curves both ways (one checkpoint unit)."""
     scores = head_scores(model, train, method, corrupted=corrupted, seed=args.seed, batch_size=args.batch_size, progress=False)
     own, backward = (

@@ -14,6 +14,7 @@ along ``-RA``: where RA is negative, the step raises attention to that key.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypedDict
 from dataclasses import dataclass, field
 
 import einops
@@ -54,6 +55,22 @@ def ra_from_parts(
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other dtype (half, bfloat16, float32) accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class HeadDescription(TypedDict):
+    """What :meth:`ReversedAttention.describe_head` says about one head's map.
+
+    ``pushed_up`` / ``pushed_down``: ``(key token, RA value)`` pairs of the dominant query
+    row, strongest first; a descent step attends more to the first and less to the second.
+    """
+
+    layer: int
+    head: int
+    ra_norm: float
+    query_pos: int
+    query_token: str
+    pushed_up: list[tuple[str, float]]
+    pushed_down: list[tuple[str, float]]
 
 
 @dataclass
@@ -154,7 +171,7 @@ class ReversedAttention(Result):
         n = int(self.lengths[i])
         return self.pattern[i, self._layer_index(layer), self._head_index(head), : len(self.rows(i)), :n]
 
-    def describe_head(self, layer: int, head: int, example: int = 0, k: int = 3, min_share: float = 0.01) -> dict:
+    def describe_head(self, layer: int, head: int, example: int = 0, k: int = 3, min_share: float = 0.01) -> HeadDescription:
         """The query row that dominates a head's map and the keys it pushes up and down most.
 
         A descent step moves attention along ``-RA``: the most negative entries of the
@@ -173,15 +190,15 @@ class ReversedAttention(Result):
         up = values.argsort()[:k].tolist()
         down = values.argsort(descending=True)[:k].tolist()
         floor = min_share * float(values.abs().max())
-        return {
-            "layer": layer,
-            "head": head,
-            "ra_norm": float(self.norms[self._example(example), self._layer_index(layer), head]),
-            "query_pos": row,
-            "query_token": tokens[row],
-            "pushed_up": [(tokens[j], float(values[j])) for j in up if values[j] < -floor],
-            "pushed_down": [(tokens[j], float(values[j])) for j in down if values[j] > floor],
-        }
+        return HeadDescription(
+            layer=layer,
+            head=head,
+            ra_norm=float(self.norms[self._example(example), self._layer_index(layer), head]),
+            query_pos=row,
+            query_token=tokens[row],
+            pushed_up=[(tokens[j], float(values[j])) for j in up if values[j] < -floor],
+            pushed_down=[(tokens[j], float(values[j])) for j in down if values[j] > floor],
+        )
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per (example, layer, head): RA norm and forward-attention norm."""

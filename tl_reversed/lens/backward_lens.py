@@ -138,7 +138,8 @@ def _run(
                           extra=_lens_bytes(model, n, max(map(len, parts)), width, len(site_list), len(chosen),
                                             spec.n_heads if heads else 0, keep))  # fmt: skip
     projector = Projector(model, projection, top_k, dtype)
-    lens_sink = LensSink(model, batch, site_list, chosen, spec.n_heads, heads, keep, projector, with_rank=metric is None)
+    lens_sink = LensSink(model, batch, sites=site_list, layers=chosen, n_heads=spec.n_heads, heads=heads, keep=keep,
+                         projector=projector, with_rank=metric is None)  # fmt: skip
     ra_sink = RASink(model, spec, chosen, batch, ra_keep) if ra_keep is not None else None
     sinks = [lens_sink, *([ra_sink] if ra_sink is not None else [])]
     loss = run(model, batch, sinks, metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,

@@ -62,13 +62,13 @@ class LensHooks:
 class LensSink:
     """The pass-engine sink of the backward lens: each chunk's VJPs projected to the vocabulary."""
 
-    def __init__(self, model: torch.nn.Module, batch: Batch, sites: list[str], layers: list[int], n_heads: int,
+    def __init__(self, model: torch.nn.Module, batch: Batch, *, sites: list[str], layers: list[int], n_heads: int,
                  heads: bool, keep: str, projector: Projector, with_rank: bool):  # fmt: skip
         n, width = batch.tokens.shape
         self.model, self.sites, self.layers, self.heads, self.projector = model, sites, layers, heads, projector
         self.dtype = projector.gain.dtype
-        self.out = Collector(n, width, sites, layers, n_heads, heads, keep, projector.top_k,
-                              projector.d_model, self.dtype, with_rank=with_rank)  # fmt: skip
+        self.out = Collector(n, width, sites=sites, layers=layers, n_heads=n_heads, heads=heads, keep=keep,
+                             k=projector.top_k, d_model=projector.d_model, dtype=self.dtype, with_rank=with_rank)  # fmt: skip
         self._hooks: LensHooks | None = None
 
     def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
@@ -79,8 +79,8 @@ class LensSink:
         assert self._hooks is not None
         self._hooks.check_fired()
         with torch.no_grad():
-            fill(self.out, chunk.index, self._hooks, chunk.batch, self.sites, self.layers, self.heads,
-                  self.projector, self.model, self.dtype)  # fmt: skip
+            fill(self.out, chunk.index, self._hooks, chunk.batch, sites=self.sites, layers=self.layers,
+                 heads=self.heads, projector=self.projector, model=self.model, dtype=self.dtype)  # fmt: skip
         self._hooks = None
 
     def finish(self) -> Collector:
@@ -90,7 +90,7 @@ class LensSink:
 class Collector:
     """Accumulates the per-chunk results of :class:`LensSink` into padded tensors."""
 
-    def __init__(self, n: int, width: int, sites: list[str], layers: list[int], n_heads: int, heads: bool,
+    def __init__(self, n: int, width: int, *, sites: list[str], layers: list[int], n_heads: int, heads: bool,
                  keep: str, k: int, d_model: int, dtype: torch.dtype, with_rank: bool):  # fmt: skip
         self.site_shape = (n, len(sites), len(layers), width)
         self.head_shape = (n, len(layers), n_heads, width)
@@ -117,6 +117,7 @@ def fill(
     idx: Tensor,
     sink: LensHooks,
     sub: Batch,
+    *,
     sites: list[str],
     layers: list[int],
     heads: bool,
