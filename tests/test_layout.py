@@ -12,6 +12,7 @@ counts as the layer of the module it stands for.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,3 +267,22 @@ def test_no_function_takes_ten_positional_parameters():
                 if len(positional) >= 10:
                     long.append(f"{name}.{node.name} ({len(positional)})")
     assert not long, "functions with 10+ positional parameters: " + ", ".join(long)
+
+
+def test_the_readme_lists_every_module():
+    """The README's layout block names every module of every layer, and no module that is gone."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme[readme.index("## Project layout") :]
+    block = block[block.index("```text") : block.index("```", block.index("```text") + 3)]
+    listed, current = set(), None
+    for line in block.splitlines():
+        folder = re.match(r"^  (\w+)/", line)
+        if folder:
+            current = folder.group(1)
+            continue
+        if current and line.startswith("    "):
+            names = line.strip().split("   ")[0]  # the file names, before the description
+            listed |= {f"{current}/{name}" for name in re.findall(r"(\w+\.py)", names)}
+    actual = {f"{path.parent.name}/{path.name}" for layer_name in LAYERS for path in (PACKAGE / layer_name).glob("*.py")}
+    actual = {name for name in actual if not name.endswith("__init__.py")}
+    assert listed == actual, f"missing from the README: {sorted(actual - listed)}; gone: {sorted(listed - actual)}"
