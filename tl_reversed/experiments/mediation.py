@@ -6,13 +6,16 @@ runs these sinks through :func:`tl_reversed.core.engine.run`:
 * :class:`SweepHeads` (forward only): per chunk, TransformerLens' activation-patching
   sweep over every head (``generic_activation_patch``), summed over examples;
 * :class:`MeanZAtLast` (forward only): each head's mean ``hook_z`` at the last prompt token;
-* :class:`AttributionPatching` (backward, metric ``p(target)``): ``(z_clean - z_corrupt) . grad``.
+* :class:`AttributionPatching` (backward, metric ``p(target)``): ``(z_clean - z_corrupt) . grad``;
+* :class:`ZeroAblationAttribution` (backward, beside :class:`~tl_reversed.core.reversed_attention.RASink`
+  if wanted): ``sum_pos z . grad``, the first-order estimate of CM1 (``"atp0"``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -178,3 +181,70 @@ class AttributionPatching:
 
     def finish(self) -> tuple[Float[Tensor, "layer head"], float]:
         return self.effect / self.n, self.base / self.n
+
+
+class ZeroAblationAttribution:
+    """Backward-pass sink of ``"atp0"``: the first-order estimate of CM1, ``sum_pos hook_z . grad``.
+
+    Zeroing head ``h`` moves its ``hook_z`` from ``z`` to 0, so to first order the metric
+    drops by ``sum over positions and d_head of z * d metric / d z`` (attribution patching
+    with a zero baseline). Per example and head; ``finish`` averages over the examples.
+
+    The gradient is that of the pass's per-example loss, turned into ``d p / d z`` by ``of``:
+
+    * ``of="metric"``: the pass differentiates :meth:`metric` (``p(first target token)``
+      at the last prompt token, or ``metric(logits, chunk_batch) -> [rows]`` if given), as it is;
+    * ``of="nll"``: the pass differentiates the default target cross-entropy of a batch
+      whose targets are their first token alone (``-log p``), as the RA pass of
+      :func:`tl_reversed.experiments.ranking.ra_and_atp0` does: ``d p = -p d(-log p)``,
+      so the same backward pass gives RA and this estimate.
+    """
+
+    def __init__(self, spec: ModelSpec, n: int, *, of: str = "metric", metric: Callable | None = None):
+        if of not in ("metric", "nll"):
+            raise ValueError(f"of must be 'metric' (the pass differentiates p(target)) or 'nll' (-log p), got {of!r}")
+        self.spec, self.of, self.user_metric = spec, of, metric
+        self.per_example = torch.zeros(n, spec.n_layers, spec.n_heads, dtype=torch.float64)
+        self.base = torch.zeros(n, dtype=torch.float64)
+        self._sub: Batch | None = None
+
+    def metric(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        """``p(first target token)`` at each row's last prompt token (or the ``metric`` given) of this chunk."""
+        assert self._sub is not None
+        if self.user_metric is not None:
+            return self.user_metric(logits, self._sub)
+        return _p_target_metric(self._sub)(logits)
+
+    def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
+        self._sub = chunk.batch
+        real = (torch.arange(chunk.batch.tokens.shape[1])[None, :] < chunk.batch.lengths[:, None]).double()
+        z_saved: dict[int, Tensor] = {}
+        self._chunk = torch.zeros(len(chunk.batch), self.spec.n_layers, self.spec.n_heads, dtype=torch.float64)
+
+        def keep(layer: int) -> Hook:
+            def hook(z: Tensor, hook: object) -> None:
+                z_saved[layer] = z.detach()
+
+            return attn_hook(layer, "z"), hook
+
+        def on_grad(layer: int) -> Hook:
+            def hook(grad: Tensor, hook: object) -> None:
+                product = (z_saved.pop(layer).double() * grad.double()).sum(-1)  # [batch, pos, head]
+                self._chunk[:, layer] = einops.einsum(product.cpu(), real, "b p h, b p -> b h")
+
+            return attn_hook(layer, "z"), hook
+
+        layers = range(self.spec.n_layers)
+        return [keep(layer) for layer in layers], [on_grad(layer) for layer in layers]
+
+    def merge(self, chunk: Chunk) -> None:
+        assert chunk.loss is not None
+        loss = chunk.loss.double()
+        p = loss if self.of == "metric" else torch.exp(-loss)
+        factor = torch.ones_like(loss) if self.of == "metric" else -p
+        self.per_example[chunk.index] = self._chunk * factor[:, None, None]
+        self.base[chunk.index] = p
+
+    def finish(self) -> tuple[Float[Tensor, "layer head"], float]:
+        """The mean estimate per head, and the mean ``p(target)`` (the metric's mean for ``of="metric"``)."""
+        return self.per_example.mean(0).float(), float(self.base.mean())
