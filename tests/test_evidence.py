@@ -224,3 +224,48 @@ def test_sparsity_of_a_result_measures_each_ra_and_attention_map(tmp_path):
     assert isinstance(back, Sparsity) and torch.equal(back.ra_top, measured.ra_top)
     with pytest.raises(ValueError, match="keep='maps'"):
         sparsity(reversed_attention(model, PROMPTS[:2], TARGETS[:2], keep="norms", progress=False))
+
+
+# --------------------------------------------------------------------------- faster causal mediation
+
+
+def sweep_scores(model, stacked, examples, drop=True, batch_size=3):
+    """CM1 through the SweepHeads sink, stacked or by TransformerLens' sweep."""
+    from transformer_lens.patching import layer_head_vector_patch_setter
+
+    from tl_reversed.experiments.mediation import SweepHeads
+
+    spec = describe(model)
+    batch = prompt_batch(model, examples, spec)
+    zeros = torch.zeros(1, 1, spec.n_heads, 1)
+    cache = {attn_hook(layer, "z"): zeros for layer in range(spec.n_layers)}
+    sink = SweepHeads(model, spec, cache, lambda sub: layer_head_vector_patch_setter, drop=drop, stacked=stacked)
+    run(model, batch, [sink], backward=False, batch_size=batch_size, progress=False)
+    return sink.finish()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_the_stacked_cm_sweep_equals_transformer_lens_sweep(arch, monkeypatch):
+    from tl_reversed.experiments import mediation
+
+    model = make_tiny(arch)
+    before = hook_count(model)
+    old, old_base = sweep_scores(model, False, (PROMPTS, TARGETS))
+    new, new_base = sweep_scores(model, True, (PROMPTS, TARGETS))
+    assert old.abs().max() > 1e-5  # the heads matter
+    torch.testing.assert_close(new, old, atol=1e-6, rtol=0)
+    assert new_base == pytest.approx(old_base, abs=1e-6)
+    monkeypatch.setattr(mediation, "STACKED_ROWS", 5)  # one head per forward for 3-row chunks: the same scores
+    split, _ = sweep_scores(model, True, (PROMPTS, TARGETS))
+    torch.testing.assert_close(split, new, atol=1e-6, rtol=0)
+    assert hook_count(model) == before
+
+
+def test_cm1_and_cm2_default_to_the_stacked_sweep_and_match_a_hand_loop():
+    model = make_tiny("llama")
+    spec = describe(model)
+    result = head_scores(model, (PROMPTS, TARGETS), "cm1", batch_size=3, progress=False)
+    base = p_target(model, PROMPTS, TARGETS)
+    ablated = p_target(model, PROMPTS, TARGETS, [(attn_hook(1, "z"), lambda z, hook: z * torch.tensor([1.0, 1.0, 0.0, 1.0])[:, None])])
+    assert float(result.scores[1, 2]) == pytest.approx(float((base - ablated).mean()), abs=1e-6)
+    assert result.scores.shape == (spec.n_layers, spec.n_heads)

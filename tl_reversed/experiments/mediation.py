@@ -71,17 +71,60 @@ def _sweep_heads(model: Model, tokens: Tensor, cache: dict, metric, setter) -> t
     return summed.float().cpu()[..., None], baseline.float().cpu()[None]
 
 
+STACKED_ROWS = 512
+"""Most rows of one stacked CM forward (heads x examples); more heads are split over passes."""
+
+
+def _stacked_sweep(model: Model, spec: ModelSpec, sub: Batch, cache: dict, setter: Callable) -> Tensor:
+    """p(target) with each (layer, head) patched in turn, the heads stacked on the batch axis.
+
+    The rows of ``sub`` are repeated once per head of a group (copy ``j`` holds rows
+    ``j * b .. j * b + b``; as many heads per forward as fit in :data:`STACKED_ROWS` rows);
+    at the layer's ``hook_z`` the setter patches head ``j`` of copy ``j`` alone, and only
+    the last prompt token is unembedded (:func:`~tl_reversed.core.engine.forward_last`).
+    Returns ``[layer, head, batch]``.
+    """
+    b, n_heads = len(sub), spec.n_heads
+    per_pass = max(1, min(n_heads, STACKED_ROWS // b))
+    out = torch.zeros(spec.n_layers, n_heads, b)
+    for layer in range(spec.n_layers):
+        name = attn_hook(layer, "z")
+        for first in range(0, n_heads, per_pass):
+            heads = list(range(first, min(first + per_pass, n_heads)))
+            stacked = sub.rows([row for _ in heads for row in range(b)])
+
+            def patch(z: Tensor, hook: object, layer: int = layer, name: str = name, heads: list = heads) -> Tensor:
+                z = z.clone()
+                for j, head in enumerate(heads):
+                    part = z[j * b : (j + 1) * b]
+                    patched = setter(part, (layer, head), cache[name])
+                    if patched is not None and patched is not part:
+                        z[j * b : (j + 1) * b] = patched
+                return z
+
+            logits = forward_last(model, stacked, [(name, patch)])
+            out[layer, heads] = target_probs(logits, stacked).reshape(len(heads), b)
+    return out
+
+
 class SweepHeads:
     """Forward-only sink: each chunk's activation-patching sweep over every head (CM1, CM2).
 
-    ``merge`` runs TransformerLens' sweep on the chunk's rows (one forward per head plus
-    its own unpatched baseline; the engine's forward of the chunk is not used, so the
-    scores are those of the sweep alone) and sums ``baseline - patched`` (``drop``) or
-    ``patched - baseline`` over the examples.
+    ``stacked=True`` (default): per layer, one forward of the chunk's rows repeated once
+    per head, each copy with one head patched, unembedding the last prompt token alone
+    (:func:`_stacked_sweep`); the baseline is the engine's own unpatched forward of the chunk.
+    ``stacked=False``: TransformerLens' sweep (``generic_activation_patch``: one forward per
+    head over the chunk, full logits, and its own baseline). Both give the same scores up to
+    float rounding (the batch shapes differ; see tests/test_evidence.py).
+    ``merge`` sums ``baseline - patched`` (``drop``) or ``patched - baseline`` over the examples.
     """
 
-    def __init__(self, model: Model, spec: ModelSpec, cache: dict, setter_for: Callable[[Batch], Callable], *, drop: bool):
-        self.model, self.cache, self.setter_for, self.drop = model, cache, setter_for, drop
+    def __init__(
+        self, model: Model, spec: ModelSpec, cache: dict, setter_for: Callable[[Batch], Callable], *, drop: bool,
+        stacked: bool = True,
+    ):  # fmt: skip
+        self.model, self.spec, self.cache, self.setter_for, self.drop = model, spec, cache, setter_for, drop
+        self.stacked = stacked
         self.total = torch.zeros(spec.n_layers, spec.n_heads)
         self.base, self.n = 0.0, 0
 
@@ -90,8 +133,13 @@ class SweepHeads:
 
     def merge(self, chunk: Chunk) -> None:
         sub = chunk.batch
-        tokens = sub.tokens.to(model_device(self.model))
-        values, baseline = _sweep_heads(self.model, tokens, self.cache, _p_target_metric(sub), self.setter_for(sub))
+        if self.stacked:
+            assert chunk.logits is not None
+            baseline = target_probs(chunk.logits, sub)
+            values = _stacked_sweep(self.model, self.spec, sub, self.cache, self.setter_for(sub))
+        else:
+            tokens = sub.tokens.to(model_device(self.model))
+            values, baseline = _sweep_heads(self.model, tokens, self.cache, _p_target_metric(sub), self.setter_for(sub))
         self.total += (baseline - values).sum(-1) if self.drop else (values - baseline).sum(-1)
         self.base += float(baseline.sum())
         self.n += len(sub)
