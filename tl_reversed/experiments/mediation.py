@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_reversed.core.architecture import Model, ModelSpec, attn_hook
+from tl_reversed.core.architecture import Model, ModelSpec, attn_hook, block_hook, last_position_hook
 from tl_reversed.core.engine import Chunk, Hook, forward_last, model_device
 from tl_reversed.core.inputs import Batch
 from tl_reversed.experiments.evaluation import target_probs
@@ -82,11 +82,15 @@ def _stacked_sweep(model: Model, spec: ModelSpec, sub: Batch, cache: dict, sette
     ``j * b .. j * b + b``; as many heads per forward as fit in :data:`STACKED_ROWS` rows);
     at the layer's ``hook_z`` the setter patches head ``j`` of copy ``j`` alone, and only
     the last prompt token is unembedded (:func:`~tl_reversed.core.engine.forward_last`).
+    A HookedTransformer starts each forward at the patched layer from the cached
+    ``hook_resid_pre`` (``start_at_layer``); a TransformerBridge runs every layer, as its
+    ``start_at_layer`` still computes the blocks before it (TransformerLens 4.3).
     Returns ``[layer, head, batch]``.
     """
     b, n_heads = len(sub), spec.n_heads
     per_pass = max(1, min(n_heads, STACKED_ROWS // b))
     out = torch.zeros(spec.n_layers, n_heads, b)
+    resid = _resid_pre(model, spec, sub) if spec.kind == "hooked" else None
     for layer in range(spec.n_layers):
         name = attn_hook(layer, "z")
         for first in range(0, n_heads, per_pass):
@@ -102,9 +106,40 @@ def _stacked_sweep(model: Model, spec: ModelSpec, sub: Batch, cache: dict, sette
                         z[j * b : (j + 1) * b] = patched
                 return z
 
-            logits = forward_last(model, stacked, [(name, patch)])
+            if resid is None:
+                logits = forward_last(model, stacked, [(name, patch)])
+            else:
+                logits = _last_from_layer(model, stacked, resid[layer].repeat(len(heads), 1, 1), layer, [(name, patch)])
             out[layer, heads] = target_probs(logits, stacked).reshape(len(heads), b)
     return out
+
+
+def _resid_pre(model: Model, spec: ModelSpec, sub: Batch) -> list[Tensor]:
+    """Each layer's unpatched ``hook_resid_pre`` of ``sub`` (HookedTransformer: where a stacked forward starts)."""
+    store: dict[int, Tensor] = {}
+
+    def keep(layer: int):
+        def hook(x: Tensor, hook: object) -> None:
+            store[layer] = x.detach().clone()
+
+        return hook
+
+    forward_last(model, sub, [(block_hook(layer, "resid_pre"), keep(layer)) for layer in range(spec.n_layers)])
+    return [store[layer] for layer in range(spec.n_layers)]
+
+
+def _last_from_layer(model: Model, batch: Batch, resid: Tensor, layer: int, hooks: list[Hook]) -> Tensor:
+    """Logits at each row's last prompt token of a HookedTransformer run from ``resid`` entering ``layer``.
+
+    ``start_at_layer`` skips the blocks before ``layer`` (their output is ``resid``); right
+    padding needs no mask under causal attention. Float32 on the CPU, like ``forward_last``.
+    """
+    only_last = last_position_hook(model, batch.last, beside=hooks)
+    with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, *([only_last] if only_last else [])]):  # type: ignore[operator]
+        logits = model(resid, start_at_layer=layer)
+    if logits.shape[1] == 1:
+        return logits[:, 0].float().cpu()
+    return logits[torch.arange(len(batch), device=logits.device), batch.last.to(logits.device)].float().cpu()
 
 
 class SweepHeads:
