@@ -11,17 +11,19 @@ methods in the registry (``METHODS`` is a live view of it; add one with ``@regis
 ``"cm1"``
     Causal mediation by zero ablation: zero one head's ``hook_z`` (all positions) and
     measure the drop of ``p(first target token)`` at the last prompt token, averaged
-    over examples. Run with TransformerLens' own activation patching
-    (:func:`transformer_lens.patching.generic_activation_patch` with its
-    ``layer_head_vector_patch_setter``, a cache of zeros as the "clean" activation,
-    ``reduce="none"`` and ``baseline=True``): one forward per head over the whole
-    mini-batch.
+    over examples. Patched with TransformerLens' ``layer_head_vector_patch_setter``
+    and a cache of zeros as the "clean" activation, by the stacked sweep of
+    :class:`~tl_reversed.experiments.mediation.SweepHeads`: per layer, one forward of
+    the mini-batch repeated once per head, each copy with one head patched, reading the
+    last prompt token alone (a HookedTransformer starts it at the patched layer). It
+    equals TransformerLens' ``generic_activation_patch`` sweep (``SweepHeads(...,
+    stacked=False)``, one forward per head) to float rounding.
 ``"cm2"``
     Todd et al.'s function-vector heads: each head's mean ``hook_z`` at the last
     prompt token over the clean prompts is patched, at the last token, into prompts
     whose demonstration labels are shuffled; importance = rise of ``p(target)``,
-    averaged over examples. Also run by ``generic_activation_patch`` (with a patch
-    setter that writes the mean at each row's last prompt token).
+    averaged over examples. The same stacked sweep, with a patch setter that writes
+    the mean at each row's last prompt token.
 ``"atp"``
     Attribution patching at node level (one node per head, at ``hook_z``), in
     TransformerLens' denoising convention: the gradient of ``p(target)`` is taken on
