@@ -5,14 +5,16 @@ Workload: ``head_scores(model, examples, method)`` on the same 25 five-shot
 
 * ``"ra"``: one forward and one backward pass per mini-batch (median of repeats).
 * ``"atp"``: two forwards and one backward (median of repeats).
-* ``"cm1"``: TransformerLens' activation patching, one forward per head plus a
-  baseline: 271 forwards of the 25 prompts.
-* ``"cm2"``: one clean forward for the mean activations, then 271 forwards.
+* ``"cm1"``: the stacked sweep (:func:`tl_reversed.experiments.mediation._stacked_sweep`):
+  per layer, one forward of the 25 prompts repeated once per head (225 rows, one head
+  zeroed in each copy, last-token logits only), plus the unpatched forward: 31 forwards.
+* ``"cm2"``: one clean forward for the mean activations, then the same 31 forwards.
 
 The two causal-mediation rankings take 10-25 minutes each on 2 CPU cores, more than the
 whole benchmark budget, so by default they are estimated: the median time of one
-forward of the 25 prompts with one head's ``hook_z`` zeroed, times the number of
-forwards ``head_scores`` makes. ``--full`` runs them for real, once each.
+stacked forward (the 25 prompts once per head, one head zeroed per copy) times the
+number of layers, plus one plain forward of the 25 prompts per unpatched pass.
+``--full`` runs them for real, once each.
 
 Target: ``cm1 / ra >= 50``.
 """
@@ -24,21 +26,26 @@ import torch
 from benchmarks.common import Context, Row, median_time, row, timed_once
 
 
-def _one_head_forward(ctx: Context, model, examples) -> dict:
-    """Median time of one forward of all examples with one head's ``hook_z`` zeroed."""
+def _forwards(ctx: Context, model, examples) -> tuple[dict, dict]:
+    """Median times of one stacked CM forward (every head's copy of the examples) and of one plain forward."""
     from tl_reversed.core.architecture import describe
     from tl_reversed.experiments.evaluation import last_logits, prompt_batch
     from tl_reversed.perturbation import mask_hooks
 
     spec = describe(model)
     batch = prompt_batch(model, examples)
+    stacked = batch.rows([row for _ in range(spec.n_heads) for row in range(len(batch))])
     mask = torch.ones(spec.n_layers, spec.n_heads)
     mask[spec.n_layers // 2, 0] = 0.0
 
-    def forward():  # an engine pass: it keeps the model untouched itself
-        last_logits(model, batch, mask_hooks(mask), batch_size=32)  # head_scores' default mini-batch
+    def stacked_forward():  # an engine pass: it keeps the model untouched itself
+        last_logits(model, stacked, mask_hooks(mask), batch_size=None)  # rows <= mediation.STACKED_ROWS here
 
-    return median_time(ctx, forward, repeats=max(2, ctx.repeats // 2))
+    def plain_forward():
+        last_logits(model, batch, batch_size=32)  # head_scores' default mini-batch
+
+    repeats = max(2, ctx.repeats // 2)
+    return median_time(ctx, stacked_forward, repeats=repeats), median_time(ctx, plain_forward, repeats=repeats)
 
 
 def run(ctx: Context) -> list[Row]:
@@ -60,15 +67,19 @@ def run(ctx: Context) -> list[Row]:
     if measured:
         cm1, cm1_cpu = timed_once(ctx, scores("cm1"))
         cm2, cm2_cpu = timed_once(ctx, scores("cm2"))
-        how = {"cm1": f"one call, {n_heads + 1} forwards", "cm2": f"one call, {n_heads + 2} forwards"}
+        how = {"cm1": f"one call, {spec.n_layers + 1} stacked forwards", "cm2": f"one call, {spec.n_layers + 2} forwards"}
     else:
-        forward = _one_head_forward(ctx, model, examples)
-        cm1, cm1_cpu = forward["median"] * (n_heads + 1), forward["cpu"] * (n_heads + 1)
-        cm2, cm2_cpu = forward["median"] * (n_heads + 2), forward["cpu"] * (n_heads + 2)
-        base = f"one patched forward of the {n} prompts ({forward['median']:.2f} s)"
+        stacked, plain = _forwards(ctx, model, examples)
+        layers = spec.n_layers
+        cm1, cm1_cpu = stacked["median"] * layers + plain["median"], stacked["cpu"] * layers + plain["cpu"]
+        cm2, cm2_cpu = cm1 + plain["median"], cm1_cpu + plain["cpu"]
+        base = (
+            f"{layers} x one stacked forward of {n} x {spec.n_heads} rows ({stacked['median']:.2f} s) "
+            f"+ {{}} x one plain forward ({plain['median']:.2f} s)"
+        )
         how = {
-            "cm1": f"estimated: {n_heads + 1} x {base}; --full runs it",
-            "cm2": f"estimated: {n_heads + 2} x {base}; --full runs it",
+            "cm1": f"estimated: {base.format(1)}; --full runs it",
+            "cm2": f"estimated: {base.format(2)}; --full runs it",
         }
     shape = f"{n} examples, {n_heads} heads"
     return [

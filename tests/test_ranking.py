@@ -256,7 +256,7 @@ def test_bad_inputs_say_what_to_do():
         head_scores(model, 42, "ra")
     with pytest.raises(ValueError, match="position='last'"):
         head_scores(model, (PROMPTS, TARGETS), "atp", corrupted=(["Q: catz\nA: sun\n\nQ: sun\nA:"] + CORRUPT[1:], TARGETS), position="all")
-    assert set(METHODS) == {"ra", "fa", "cm1", "cm2", "atp", "random", "index"}
+    assert set(METHODS) == {"ra", "fa", "cm1", "cm2", "atp", "atp0", "random", "index"}
 
 
 @pytest.mark.embedded

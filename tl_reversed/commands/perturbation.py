@@ -8,6 +8,8 @@ order and reversed. Writes, under ``--out``::
     {task}_auc.csv        one row per (shots, method): AUC, reversed AUC, seconds
     {task}_curves.csv     one row per (shots, method, direction, fraction): accuracy
     {task}_scores.csv     one row per (shots, method, layer, head): score and rank
+    {task}_agreement.csv  when cm1 is among the methods: one row per (shots, method),
+                          Spearman and Recall@10, Recall@10% of CM1's top heads
     {task}_perturbation.md   the table, with the command that made it
     {task}_curves.png     the curves, one panel per shot count
 """
@@ -31,7 +33,7 @@ from tl_reversed.core import options
 
 DEFAULT_METHODS = "ra,fa,cm1,cm2,atp,random,index"
 """The paper's seven rankings; ``--methods`` accepts every method in the registry (``ranking.METHODS``)."""
-METHOD_NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP", "random": "Random", "index": "Index"}
+METHOD_NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP", "atp0": "AtP0", "random": "Random", "index": "Index"}
 
 
 def known_methods() -> tuple[str, ...]:
@@ -129,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     aucs.to_csv(out / f"{task}_auc.csv", index=False, float_format="%.4f")
     curves.to_csv(out / f"{task}_curves.csv", index=False, float_format="%.4f")
     scores_table.to_csv(out / f"{task}_scores.csv", index=False, float_format="%.6g")
+    agreements = agreement_table(scores_table)
+    if agreements is not None:
+        agreements.to_csv(out / f"{task}_agreement.csv", index=False, float_format="%.4f")
     table = auc_markdown(aucs, args.shots, args.methods)
     text = (
         f"# Perturbation test: {task}\n\n"
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     plot_curves(curves, args.shots, task).savefig(out / f"{task}_curves.png", dpi=110, bbox_inches="tight")
     checkpoint.clear()
     print(table)
-    print(f"wrote {out}/{task}_auc.csv, _curves.csv, _scores.csv, _perturbation.md, _curves.png ({seconds / 60:.1f} min)")
+    print(f"wrote {out}/{task}_auc.csv, _curves.csv, _scores.csv{', _agreement.csv' if agreements is not None else ''}, _perturbation.md, _curves.png ({seconds / 60:.1f} min)")
     return 0
 
 
@@ -179,6 +184,33 @@ def _unit_rows(task: str, shots: int, n_score: int, n_test: int, results: dict, 
     score_rows = scores.to_dataframe().assign(task=task, shots=shots)[["task", "shots", "method", "layer", "head", "score", "rank"]]
     score_rows["score"] += 0.0  # -0.0 (layer 0 of "index") is written as 0, as in the tables made before
     return {"auc": auc, "curves": curves, "scores": score_rows, "seconds": info["seconds"]}
+
+
+def agreement_table(scores_table, reference: str = "cm1", ks: tuple = (10, "10%")):
+    """Spearman and Recall@K of every method's scores against ``reference``'s, per shot count.
+
+    ``scores_table``: the rows of ``{task}_scores.csv``. ``None`` when ``reference`` was
+    not run. A K above the number of heads is left out.
+    """
+    import pandas as pd
+    import torch
+
+    from tl_reversed.experiments.agreement import agreement
+
+    if reference not in set(scores_table["method"]):
+        return None
+    frames = []
+    for (task, shots), rows in scores_table.groupby(["task", "shots"], sort=False):
+        grids = {}
+        for method, part in rows.groupby("method", sort=False):
+            grid = part.pivot(index="layer", columns="head", values="score").sort_index().sort_index(axis=1)
+            grids[method] = torch.tensor(grid.to_numpy(), dtype=torch.float64)
+        ref = grids[reference]
+        fitting = [k for k in ks if not isinstance(k, int) or k <= ref.numel()]
+        table = agreement({m: g for m, g in grids.items() if m != reference}, ref, ks=fitting).to_dataframe()
+        frames.append(table.assign(reference=reference, task=task, shots=shots))
+    columns = ["task", "shots", "method", "reference", "spearman", *[c for c in frames[0] if c.startswith("recall@")]]
+    return pd.concat(frames, ignore_index=True)[columns]
 
 
 def auc_markdown(aucs, shots: list[int], methods: list[str]) -> str:

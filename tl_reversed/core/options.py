@@ -53,7 +53,7 @@ PatchPoint = Literal["z", "pattern"]
 """Where an attention patch is added: at ``hook_z`` (every architecture) or ``hook_pattern``."""
 PATCH_POINTS: tuple[str, ...] = get_args(PatchPoint)
 
-Method = Literal["ra", "fa", "cm1", "cm2", "atp", "random", "index"]
+Method = Literal["ra", "fa", "cm1", "cm2", "atp", "atp0", "random", "index"]
 """The built-in head-ranking methods of :func:`tl_reversed.ranking.head_scores`."""
 METHODS: tuple[str, ...] = get_args(Method)
 

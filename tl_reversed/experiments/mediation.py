@@ -6,18 +6,21 @@ runs these sinks through :func:`tl_reversed.core.engine.run`:
 * :class:`SweepHeads` (forward only): per chunk, TransformerLens' activation-patching
   sweep over every head (``generic_activation_patch``), summed over examples;
 * :class:`MeanZAtLast` (forward only): each head's mean ``hook_z`` at the last prompt token;
-* :class:`AttributionPatching` (backward, metric ``p(target)``): ``(z_clean - z_corrupt) . grad``.
+* :class:`AttributionPatching` (backward, metric ``p(target)``): ``(z_clean - z_corrupt) . grad``;
+* :class:`ZeroAblationAttribution` (backward, beside :class:`~tl_reversed.core.reversed_attention.RASink`
+  if wanted): ``sum_pos z . grad``, the first-order estimate of CM1 (``"atp0"``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_reversed.core.architecture import Model, ModelSpec, attn_hook
+from tl_reversed.core.architecture import Model, ModelSpec, attn_hook, block_hook, last_position_hook
 from tl_reversed.core.engine import Chunk, Hook, forward_last, model_device
 from tl_reversed.core.inputs import Batch
 from tl_reversed.experiments.evaluation import target_probs
@@ -68,17 +71,95 @@ def _sweep_heads(model: Model, tokens: Tensor, cache: dict, metric, setter) -> t
     return summed.float().cpu()[..., None], baseline.float().cpu()[None]
 
 
+STACKED_ROWS = 512
+"""Most rows of one stacked CM forward (heads x examples); more heads are split over passes."""
+
+
+def _stacked_sweep(model: Model, spec: ModelSpec, sub: Batch, cache: dict, setter: Callable) -> Tensor:
+    """p(target) with each (layer, head) patched in turn, the heads stacked on the batch axis.
+
+    The rows of ``sub`` are repeated once per head of a group (copy ``j`` holds rows
+    ``j * b .. j * b + b``; as many heads per forward as fit in :data:`STACKED_ROWS` rows);
+    at the layer's ``hook_z`` the setter patches head ``j`` of copy ``j`` alone, and only
+    the last prompt token is unembedded (:func:`~tl_reversed.core.engine.forward_last`).
+    A HookedTransformer starts each forward at the patched layer from the cached
+    ``hook_resid_pre`` (``start_at_layer``); a TransformerBridge runs every layer, as its
+    ``start_at_layer`` still computes the blocks before it (TransformerLens 4.3).
+    Returns ``[layer, head, batch]``.
+    """
+    b, n_heads = len(sub), spec.n_heads
+    per_pass = max(1, min(n_heads, STACKED_ROWS // b))
+    out = torch.zeros(spec.n_layers, n_heads, b)
+    resid = _resid_pre(model, spec, sub) if spec.kind == "hooked" else None
+    for layer in range(spec.n_layers):
+        name = attn_hook(layer, "z")
+        for first in range(0, n_heads, per_pass):
+            heads = list(range(first, min(first + per_pass, n_heads)))
+            stacked = sub.rows([row for _ in heads for row in range(b)])
+
+            def patch(z: Tensor, hook: object, layer: int = layer, name: str = name, heads: list = heads) -> Tensor:
+                z = z.clone()
+                for j, head in enumerate(heads):
+                    part = z[j * b : (j + 1) * b]
+                    patched = setter(part, (layer, head), cache[name])
+                    if patched is not None and patched is not part:
+                        z[j * b : (j + 1) * b] = patched
+                return z
+
+            if resid is None:
+                logits = forward_last(model, stacked, [(name, patch)])
+            else:
+                logits = _last_from_layer(model, stacked, resid[layer].repeat(len(heads), 1, 1), layer, [(name, patch)])
+            out[layer, heads] = target_probs(logits, stacked).reshape(len(heads), b)
+    return out
+
+
+def _resid_pre(model: Model, spec: ModelSpec, sub: Batch) -> list[Tensor]:
+    """Each layer's unpatched ``hook_resid_pre`` of ``sub`` (HookedTransformer: where a stacked forward starts)."""
+    store: dict[int, Tensor] = {}
+
+    def keep(layer: int):
+        def hook(x: Tensor, hook: object) -> None:
+            store[layer] = x.detach().clone()
+
+        return hook
+
+    forward_last(model, sub, [(block_hook(layer, "resid_pre"), keep(layer)) for layer in range(spec.n_layers)])
+    return [store[layer] for layer in range(spec.n_layers)]
+
+
+def _last_from_layer(model: Model, batch: Batch, resid: Tensor, layer: int, hooks: list[Hook]) -> Tensor:
+    """Logits at each row's last prompt token of a HookedTransformer run from ``resid`` entering ``layer``.
+
+    ``start_at_layer`` skips the blocks before ``layer`` (their output is ``resid``); right
+    padding needs no mask under causal attention. Float32 on the CPU, like ``forward_last``.
+    """
+    only_last = last_position_hook(model, batch.last, beside=hooks)
+    with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, *([only_last] if only_last else [])]):  # type: ignore[operator]
+        logits = model(resid, start_at_layer=layer)
+    if logits.shape[1] == 1:
+        return logits[:, 0].float().cpu()
+    return logits[torch.arange(len(batch), device=logits.device), batch.last.to(logits.device)].float().cpu()
+
+
 class SweepHeads:
     """Forward-only sink: each chunk's activation-patching sweep over every head (CM1, CM2).
 
-    ``merge`` runs TransformerLens' sweep on the chunk's rows (one forward per head plus
-    its own unpatched baseline; the engine's forward of the chunk is not used, so the
-    scores are those of the sweep alone) and sums ``baseline - patched`` (``drop``) or
-    ``patched - baseline`` over the examples.
+    ``stacked=True`` (default): per layer, one forward of the chunk's rows repeated once
+    per head, each copy with one head patched, unembedding the last prompt token alone
+    (:func:`_stacked_sweep`); the baseline is the engine's own unpatched forward of the chunk.
+    ``stacked=False``: TransformerLens' sweep (``generic_activation_patch``: one forward per
+    head over the chunk, full logits, and its own baseline). Both give the same scores up to
+    float rounding (the batch shapes differ; see tests/test_evidence.py).
+    ``merge`` sums ``baseline - patched`` (``drop``) or ``patched - baseline`` over the examples.
     """
 
-    def __init__(self, model: Model, spec: ModelSpec, cache: dict, setter_for: Callable[[Batch], Callable], *, drop: bool):
-        self.model, self.cache, self.setter_for, self.drop = model, cache, setter_for, drop
+    def __init__(
+        self, model: Model, spec: ModelSpec, cache: dict, setter_for: Callable[[Batch], Callable], *, drop: bool,
+        stacked: bool = True,
+    ):  # fmt: skip
+        self.model, self.spec, self.cache, self.setter_for, self.drop = model, spec, cache, setter_for, drop
+        self.stacked = stacked
         self.total = torch.zeros(spec.n_layers, spec.n_heads)
         self.base, self.n = 0.0, 0
 
@@ -87,8 +168,13 @@ class SweepHeads:
 
     def merge(self, chunk: Chunk) -> None:
         sub = chunk.batch
-        tokens = sub.tokens.to(model_device(self.model))
-        values, baseline = _sweep_heads(self.model, tokens, self.cache, _p_target_metric(sub), self.setter_for(sub))
+        if self.stacked:
+            assert chunk.logits is not None
+            baseline = target_probs(chunk.logits, sub)
+            values = _stacked_sweep(self.model, self.spec, sub, self.cache, self.setter_for(sub))
+        else:
+            tokens = sub.tokens.to(model_device(self.model))
+            values, baseline = _sweep_heads(self.model, tokens, self.cache, _p_target_metric(sub), self.setter_for(sub))
         self.total += (baseline - values).sum(-1) if self.drop else (values - baseline).sum(-1)
         self.base += float(baseline.sum())
         self.n += len(sub)
@@ -178,3 +264,70 @@ class AttributionPatching:
 
     def finish(self) -> tuple[Float[Tensor, "layer head"], float]:
         return self.effect / self.n, self.base / self.n
+
+
+class ZeroAblationAttribution:
+    """Backward-pass sink of ``"atp0"``: the first-order estimate of CM1, ``sum_pos hook_z . grad``.
+
+    Zeroing head ``h`` moves its ``hook_z`` from ``z`` to 0, so to first order the metric
+    drops by ``sum over positions and d_head of z * d metric / d z`` (attribution patching
+    with a zero baseline). Per example and head; ``finish`` averages over the examples.
+
+    The gradient is that of the pass's per-example loss, turned into ``d p / d z`` by ``of``:
+
+    * ``of="metric"``: the pass differentiates :meth:`metric` (``p(first target token)``
+      at the last prompt token, or ``metric(logits, chunk_batch) -> [rows]`` if given), as it is;
+    * ``of="nll"``: the pass differentiates the default target cross-entropy of a batch
+      whose targets are their first token alone (``-log p``), as the RA pass of
+      :func:`tl_reversed.experiments.ranking.ra_and_atp0` does: ``d p = -p d(-log p)``,
+      so the same backward pass gives RA and this estimate.
+    """
+
+    def __init__(self, spec: ModelSpec, n: int, *, of: str = "metric", metric: Callable | None = None):
+        if of not in ("metric", "nll"):
+            raise ValueError(f"of must be 'metric' (the pass differentiates p(target)) or 'nll' (-log p), got {of!r}")
+        self.spec, self.of, self.user_metric = spec, of, metric
+        self.per_example = torch.zeros(n, spec.n_layers, spec.n_heads, dtype=torch.float64)
+        self.base = torch.zeros(n, dtype=torch.float64)
+        self._sub: Batch | None = None
+
+    def metric(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        """``p(first target token)`` at each row's last prompt token (or the ``metric`` given) of this chunk."""
+        assert self._sub is not None
+        if self.user_metric is not None:
+            return self.user_metric(logits, self._sub)
+        return _p_target_metric(self._sub)(logits)
+
+    def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
+        self._sub = chunk.batch
+        real = (torch.arange(chunk.batch.tokens.shape[1])[None, :] < chunk.batch.lengths[:, None]).double()
+        z_saved: dict[int, Tensor] = {}
+        self._chunk = torch.zeros(len(chunk.batch), self.spec.n_layers, self.spec.n_heads, dtype=torch.float64)
+
+        def keep(layer: int) -> Hook:
+            def hook(z: Tensor, hook: object) -> None:
+                z_saved[layer] = z.detach()
+
+            return attn_hook(layer, "z"), hook
+
+        def on_grad(layer: int) -> Hook:
+            def hook(grad: Tensor, hook: object) -> None:
+                product = (z_saved.pop(layer).double() * grad.double()).sum(-1)  # [batch, pos, head]
+                self._chunk[:, layer] = einops.einsum(product.cpu(), real, "b p h, b p -> b h")
+
+            return attn_hook(layer, "z"), hook
+
+        layers = range(self.spec.n_layers)
+        return [keep(layer) for layer in layers], [on_grad(layer) for layer in layers]
+
+    def merge(self, chunk: Chunk) -> None:
+        assert chunk.loss is not None
+        loss = chunk.loss.double()
+        p = loss if self.of == "metric" else torch.exp(-loss)
+        factor = torch.ones_like(loss) if self.of == "metric" else -p
+        self.per_example[chunk.index] = self._chunk * factor[:, None, None]
+        self.base[chunk.index] = p
+
+    def finish(self) -> tuple[Float[Tensor, "layer head"], float]:
+        """The mean estimate per head, and the mean ``p(target)`` (the metric's mean for ``of="metric"``)."""
+        return self.per_example.mean(0).float(), float(self.base.mean())

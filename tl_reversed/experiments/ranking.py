@@ -11,17 +11,19 @@ methods in the registry (``METHODS`` is a live view of it; add one with ``@regis
 ``"cm1"``
     Causal mediation by zero ablation: zero one head's ``hook_z`` (all positions) and
     measure the drop of ``p(first target token)`` at the last prompt token, averaged
-    over examples. Run with TransformerLens' own activation patching
-    (:func:`transformer_lens.patching.generic_activation_patch` with its
-    ``layer_head_vector_patch_setter``, a cache of zeros as the "clean" activation,
-    ``reduce="none"`` and ``baseline=True``): one forward per head over the whole
-    mini-batch.
+    over examples. Patched with TransformerLens' ``layer_head_vector_patch_setter``
+    and a cache of zeros as the "clean" activation, by the stacked sweep of
+    :class:`~tl_reversed.experiments.mediation.SweepHeads`: per layer, one forward of
+    the mini-batch repeated once per head, each copy with one head patched, reading the
+    last prompt token alone (a HookedTransformer starts it at the patched layer). It
+    equals TransformerLens' ``generic_activation_patch`` sweep (``SweepHeads(...,
+    stacked=False)``, one forward per head) to float rounding.
 ``"cm2"``
     Todd et al.'s function-vector heads: each head's mean ``hook_z`` at the last
     prompt token over the clean prompts is patched, at the last token, into prompts
     whose demonstration labels are shuffled; importance = rise of ``p(target)``,
-    averaged over examples. Also run by ``generic_activation_patch`` (with a patch
-    setter that writes the mean at each row's last prompt token).
+    averaged over examples. The same stacked sweep, with a patch setter that writes
+    the mean at each row's last prompt token.
 ``"atp"``
     Attribution patching at node level (one node per head, at ``hook_z``), in
     TransformerLens' denoising convention: the gradient of ``p(target)`` is taken on
@@ -29,6 +31,11 @@ methods in the registry (``METHODS`` is a live view of it; add one with ``@regis
     ``(z_clean - z_corrupt) . grad``, summed over ``d_head`` at the last prompt token
     (``position="last"``, default) or over all positions (``position="all"``, needs
     clean and corrupted prompts of equal length), averaged over examples.
+``"atp0"``
+    The first-order estimate of ``"cm1"`` (attribution patching with a zero baseline):
+    per head, ``hook_z . d p(target) / d hook_z`` summed over positions and ``d_head``,
+    averaged over examples; one backward pass. :func:`ra_and_atp0` gives it and ``"ra"``
+    from one pass. It answers *which heads matter*; RA, *how attention would change*.
 ``"random"``
     A seeded random order.
 ``"index"``
@@ -41,6 +48,7 @@ replacing each head's output with its mean.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,10 +66,15 @@ from tl_reversed.core.results import Result
 from tl_reversed.core.engine import model_device, run
 from tl_reversed.core.inputs import Batch
 from tl_reversed.experiments.evaluation import as_prompts_targets, prompt_batch
-from tl_reversed.experiments.mediation import AttributionPatching, MeanZAtLast, SweepHeads
+from tl_reversed.experiments.agreement import Agreement, agreement
+from tl_reversed.experiments.mediation import AttributionPatching, MeanZAtLast, SweepHeads, ZeroAblationAttribution
 from tl_reversed.experiments.tasks import shuffled_labels
 
-__all__ = ["METHODS", "HeadScores", "RankingContext", "head_scores", "register", "registered", "shuffled_labels", "unregister"]
+__all__ = [
+    "METHODS", "Agreement", "HeadScores", "RankingContext", "agreement", "head_scores", "ra_and_atp0", "register",
+    "registered", "shuffled_labels", "unregister",
+]  # fmt: skip
+
 
 @dataclass(frozen=True)
 class RankingContext:
@@ -343,6 +356,49 @@ def _atp(model: Model, examples: object, context: RankingContext) -> HeadScores:
         desc="attribution patching", same_length=False)  # fmt: skip
     effect, baseline = sink.finish()
     return HeadScores(effect, "atp", n_examples=len(corrupted), baseline=baseline, info={"position": context.position})
+
+
+@register("atp0")
+def _atp0(model: Model, examples: object, context: RankingContext) -> HeadScores:
+    """First-order estimate of CM1: sum over positions of hook_z . grad p(target), one backward pass."""
+    batch = prompt_batch(model, examples, context.spec)
+    sink = ZeroAblationAttribution(context.spec, len(batch))
+    # p(target) reads each row's own last prompt token, so chunks may mix lengths
+    run(model, batch, [sink], metric=sink.metric, batch_size=context.batch_size, progress=context.progress,
+        desc="zero-ablation attribution", same_length=False)  # fmt: skip
+    estimate, baseline = sink.finish()
+    return HeadScores(estimate, "atp0", n_examples=len(batch), baseline=baseline)
+
+
+def ra_and_atp0(
+    model: Model, examples: object, *, batch_size: int | None = 32, progress: bool | None = None
+) -> tuple[HeadScores, HeadScores]:
+    """``"ra"`` and ``"atp0"`` scores from one forward and backward pass.
+
+    The pass differentiates ``-log p(first target token)`` at the last prompt token (each
+    target cut to its first token; for one-token targets, the loss of ``"ra"``). RA comes
+    from :class:`~tl_reversed.core.reversed_attention.RASink`, the zero-ablation estimate
+    from :class:`~tl_reversed.experiments.mediation.ZeroAblationAttribution` (``of="nll"``)
+    on the same gradients. Returns ``(ra, atp0)`` :class:`HeadScores`.
+    """
+    from tl_reversed.core.reversed_attention import RASink
+
+    spec = describe(model)
+    batch_size = optional_batch_size(batch_size)
+    full = prompt_batch(model, examples, spec)
+    batch = dataclasses.replace(full, targets=[t[:1] for t in full.targets])  # prompt, then the first target token
+    start = time.perf_counter()
+    ra = RASink(model, spec, list(range(spec.n_layers)), batch, "norms")
+    atp0 = ZeroAblationAttribution(spec, len(batch), of="nll")
+    run(model, batch, [ra, atp0], batch_size=batch_size, progress=progress, desc="RA and zero-ablation attribution")
+    seconds = time.perf_counter() - start
+    result = ra.finish()
+    estimate, baseline = atp0.finish()
+    info = {"loss": float(result.loss.mean()), "shared_pass": True}
+    return (
+        HeadScores(result.norms.mean(0), "ra", seconds=seconds, n_examples=len(batch), info=info),
+        HeadScores(estimate, "atp0", seconds=seconds, n_examples=len(batch), baseline=baseline, info={"shared_pass": True}),
+    )
 
 
 @register("random")
