@@ -20,8 +20,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_reversed.core.architecture import Model, ModelSpec, attn_hook, block_hook, last_position_hook
-from tl_reversed.core.engine import Chunk, Hook, forward_last, model_device
+from tl_reversed.core.architecture import Model, ModelSpec, attn_hook, block_hook
+from tl_reversed.core.engine import Chunk, Hook, forward_last, last_position_hook, model_device
 from tl_reversed.core.inputs import Batch
 from tl_reversed.experiments.evaluation import target_probs
 
