@@ -293,7 +293,7 @@ def patch_hooks(spec: ModelSpec, device: torch.device, maps: object, lr: float, 
     hooks: list[Hook] = []
     for layer in range(spec.n_layers):
         stash: dict[str, Tensor] = {}
-        hooks.append((attn_hook(layer, "v"), _stash_v(stash)))
+        hooks.append((attn_hook(layer, "v"), stash_v(stash)))
         hooks.append((attn_hook(layer, "z"), _add_at_z(delta[layer], stash, spec.n_heads)))
     return hooks
 
@@ -307,7 +307,9 @@ def _add_to_pattern(delta: Float[Tensor, "head query_pos key_pos"]):
     return hook
 
 
-def _stash_v(stash: dict[str, Tensor]):
+def stash_v(stash: dict[str, Tensor]):
+    """A ``hook_v`` hook that keeps the values for the same layer's ``hook_z`` patch."""
+
     def hook(v: Float[Tensor, "batch key_pos kv_head d_head"], hook: object) -> None:
         stash["v"] = v
 

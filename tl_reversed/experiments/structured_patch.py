@@ -52,7 +52,7 @@ from tl_reversed.core.options import SOURCES, Source, check_option
 from tl_reversed.core.reversed_attention import RASink
 from tl_reversed.core.results import Result
 from tl_reversed.experiments.evaluation import Answers, correct, prompt_batch
-from tl_reversed.experiments.patch_hooks import head_mask
+from tl_reversed.experiments.patch_hooks import head_mask, stash_v
 from tl_reversed.experiments.tasks import Segment, prompt_segments
 
 PAPER_LR_BY_SOURCE = {"ra": -30.0, "fa": 1.0}
@@ -193,16 +193,9 @@ def row_hooks(spec: ModelSpec, delta: Float[Tensor, "batch layer head pos pos"])
     hooks: list[Hook] = []
     for layer in range(spec.n_layers):
         stash: dict[str, Tensor] = {}
-        hooks.append((attn_hook(layer, "v"), _stash(stash)))
+        hooks.append((attn_hook(layer, "v"), stash_v(stash)))
         hooks.append((attn_hook(layer, "z"), _add_rows(delta[:, layer], stash, spec.n_heads)))
     return hooks
-
-
-def _stash(stash: dict[str, Tensor]):
-    def hook(v: Tensor, hook: object) -> None:
-        stash["v"] = v
-
-    return hook
 
 
 def _add_rows(delta: Float[Tensor, "batch head pos pos"], stash: dict[str, Tensor], n_heads: int):
