@@ -62,9 +62,7 @@ class AttentionMaps(Result):
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per head: layer, head and the norm of its averaged map."""
-        norms = self.norms()
-        rows = [(layer, head, float(norms[layer, head])) for layer in range(norms.shape[0]) for head in range(norms.shape[1])]
-        return pd.DataFrame(rows, columns=["layer", "head", "norm"]).assign(source=self.source)
+        return head_norm_frame(self.norms(), self.source)
 
     def plot(self, layer: int | None = None, head: int | None = None, ax=None):
         """The averaged map of one head (default: the largest), or its norms heatmap; a Figure."""
@@ -305,6 +303,12 @@ def _add_to_pattern(delta: Float[Tensor, "head query_pos key_pos"]):
         return pattern + delta.to(pattern.dtype)[None]
 
     return hook
+
+
+def head_norm_frame(norms: Float[Tensor, "layer head"], source: str) -> pd.DataFrame:
+    """One row per head of a patch: ``layer, head, norm, source``."""
+    rows = [(layer, head, float(norms[layer, head])) for layer in range(norms.shape[0]) for head in range(norms.shape[1])]
+    return pd.DataFrame(rows, columns=["layer", "head", "norm"]).assign(source=source)
 
 
 def stash_v(stash: dict[str, Tensor]):

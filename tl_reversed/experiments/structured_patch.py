@@ -52,7 +52,7 @@ from tl_reversed.core.options import SOURCES, Source, check_option
 from tl_reversed.core.reversed_attention import RASink
 from tl_reversed.core.results import Result
 from tl_reversed.experiments.evaluation import Answers, correct, prompt_batch
-from tl_reversed.experiments.patch_hooks import head_mask, stash_v
+from tl_reversed.experiments.patch_hooks import head_mask, head_norm_frame, stash_v
 from tl_reversed.experiments.tasks import Segment, prompt_segments
 
 PAPER_LR_BY_SOURCE = {"ra": -30.0, "fa": 1.0}
@@ -134,9 +134,7 @@ class StructuredPatch(Result):
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per head: layer, head and the norm of its map."""
-        norms = self.norms()
-        rows = [(l, h, float(norms[l, h])) for l in range(norms.shape[0]) for h in range(norms.shape[1])]
-        return pd.DataFrame(rows, columns=["layer", "head", "norm"]).assign(source=self.source)
+        return head_norm_frame(self.norms(), self.source)
 
     def check_model(self, spec: ModelSpec) -> None:
         if tuple(self.maps.shape[:2]) != (spec.n_layers, spec.n_heads):
