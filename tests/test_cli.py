@@ -215,3 +215,27 @@ def test_demo_reports_the_prediction_after_the_prompt(embedded_model, tmp_path):
     output = write_demo(embedded_model, tmp_path, PROMPT, (LONG_TARGET, " Rome"), top=3)
     assert output.predictions == " Paris"
     assert output.report.splitlines()[0] == f"prompt {PROMPT!r}; the model predicts ' Paris'"
+
+
+@pytest.mark.embedded
+def test_accuracy_table_is_each_prompt_run_alone(capsys, embedded_cli, tmp_path):
+    import pandas as pd
+    import torch
+
+    from tl_reversed.experiments.tasks import make_examples
+
+    argv = ["accuracy", "--task", "capitalize", "--task", "present-past", "--shots", "0,1", "--n", "6",
+            "--batch-size", "4", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    table = pd.read_csv(tmp_path / "accuracy.csv")
+    assert list(zip(table.task, table.shots)) == [("capitalize", 0), ("capitalize", 1), ("present-past", 0), ("present-past", 1)]
+    for row in table.itertuples():
+        examples = make_examples(row.task, shots=row.shots, n=6, split="test", model=embedded_cli)
+        hits = []
+        for ex in examples:  # one prompt at a time, no padding, full logits
+            with torch.no_grad():
+                logits = embedded_cli(embedded_cli.to_tokens(ex.prompt))[0, -1]
+            hits.append(int(logits.argmax()) == int(embedded_cli.to_tokens(ex.target, prepend_bos=False)[0, 0]))
+        assert row.n == len(examples) == 6
+        assert row.accuracy == pytest.approx(sum(hits) / len(hits), abs=1e-4)
+    assert "| capitalize |" in (tmp_path / "accuracy.md").read_text()
