@@ -233,7 +233,8 @@ def test_patching_save_reports_the_structured_and_sparse_accuracies(embedded_mod
     from tl_reversed.experiments.tasks import make_examples
 
     args = argparse.Namespace(n_train=4, n_test=6, lr_ra=-30.0, batch_size=4, template=0, shots=[1],
-                              save=str(tmp_path / "p.safetensors"))  # fmt: skip
+                              save=str(tmp_path / "p.safetensors"), iterative=True, iter_lr=-10.0, steps=2,
+                              max_steps=10, tol=1e-3)  # fmt: skip
     common = dict(shots=1, seed=0, model=embedded_model, template=0)
     row = _save_structured(embedded_model, "capitalize", 1, common, args)
     patch = StructuredPatch.load(tmp_path / "p.safetensors")
@@ -245,3 +246,40 @@ def test_patching_save_reports_the_structured_and_sparse_accuracies(embedded_mod
         expected = float(structured_accuracy(embedded_model, patch, test, top_k=k).mean())
         assert row[f"structured_top{k:g}"] == pytest.approx(expected)
     assert patch.n_examples == 4 and patch.lr == -30.0
+    from tl_reversed.experiments.iterative_structured import iterative_structured
+
+    train = make_examples("capitalize", split="train", n=4, **common)
+    it = iterative_structured(embedded_model, train, test, lr=-10.0, steps=2, batch_size=4, progress=False)
+    assert row["structured_iterative_step"] == it.chosen_step == 2
+    assert (row["structured_iterative"], row["structured_iterative_best"]) == (it.accuracy[2], max(it.accuracy))
+
+
+def test_iterative_structured_on_one_length_is_iterative_patching(model, tmp_path):
+    from tl_reversed.experiments.iterative_structured import IterativeStructured, iterative_structured
+
+    train = examples(WORDS[:4])
+    prompts = examples(WORDS[4:])[0]
+    test = (prompts, [model.to_string(i) for i in last_logits(model, prompts, []).argmax(-1)])
+    same = iterative_patching(model, train, test, lr=-300.0, steps=3, progress=False)
+    structured = iterative_structured(model, train, test, lr=-300.0, steps=3, progress=False)
+    assert structured.accuracy == same.accuracy and structured.accuracy[0] == 1.0 and min(same.accuracy) < 1.0
+    assert structured.train_loss == pytest.approx(same.train_loss, rel=1e-5)
+    assert structured.chosen_step == 3 and structured.patch.lr == 1.0
+    torch.testing.assert_close(structured.patch.dense(model, prompts[0]), same.patch.tril(), atol=1e-5, rtol=1e-5)
+    # the patched logits agree on a prompt of the training length, and the patch applies to other lengths too
+    torch.testing.assert_close(last_logits(model, prompts, structured.patch.hooks(model, prompts)),
+                               last_logits(model, prompts, attention_patch_hooks(model, same.patch, 1.0)), atol=1e-4, rtol=1e-4)  # fmt: skip
+    other = examples(LONG)[0]
+    assert not torch.equal(last_logits(model, other, structured.patch.hooks(model, other)), last_logits(model, other, []))
+    # auto: the choice reads the training prompts only; the result round-trips
+    garbage = (prompts, ["z", "q"])
+    a = iterative_structured(model, examples(LONG), test, lr=-300.0, max_steps=6, tol=0.01, progress=False)
+    b = iterative_structured(model, examples(LONG), garbage, lr=-300.0, max_steps=6, tol=0.01, progress=False)
+    assert a.accuracy != b.accuracy and a.chosen_step == b.chosen_step and a.train_loss == b.train_loss
+    assert 0 < a.chosen_step < 6 and a.train_loss[a.chosen_step] == min(a.train_loss)
+    assert list(a.to_dataframe().columns) == ["step", "lr", "accuracy", "train_loss"]
+    loaded = IterativeStructured.load(a.save(tmp_path / "it.safetensors"))
+    assert loaded.accuracy == a.accuracy and loaded.chosen_step == a.chosen_step
+    assert torch.equal(loaded.patch.maps, a.patch.maps) and loaded.patch.cells == a.patch.cells
+    with pytest.raises(ValueError, match="steps"):
+        iterative_structured(model, train, test, steps=0)
