@@ -1,0 +1,166 @@
+"""Segment-by-segment prefill masks (MAS: Katz, Ringel, Romano & Wolf, ACL 2025).
+
+A prompt is cut into segments (for a chat prompt: the system prompt, then the user
+turn). During prefill every prompt token attends to every token of its own segment and
+of the earlier segments; the tokens after the prompt (the generated ones) stay causal
+and see the whole prompt. Segments are given by *segment ids*, one per token::
+
+    pieces  ["<bos>You are kind.", " Hi there"]     (BOS joins the first piece)
+    ids     [0, 0, 0, 0, 0, 1, 1, 1]               (one id per token, in order)
+    mask    query i may see key j  iff  ids[j] <= ids[i]
+
+One segment per token (``ids = 0..n-1``) is the causal mask; one segment for the whole
+prompt is bidirectional prefill. Padding (right-padded batches) has id ``-1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+PAD_ID = -1
+"""The segment id of padding positions."""
+
+
+def segment_ids(lengths: Sequence[int]) -> Int[Tensor, "pos"]:
+    """Segment ids for pieces of the given token counts: ``segment_ids([2, 3]) == [0, 0, 1, 1, 1]``.
+
+    Raises:
+        ValueError: a count below 1 (an empty segment has no token to carry its id).
+    """
+    counts = [int(n) for n in lengths]
+    if not counts:
+        raise ValueError("segment_ids needs at least one piece: pass the token count of each prompt piece")
+    empty = [i for i, n in enumerate(counts) if n < 1]
+    if empty:
+        raise ValueError(
+            f"pieces {empty} have {[counts[i] for i in empty]} tokens: every segment needs at least one token "
+            "(drop empty pieces or merge them into a neighbour)"
+        )
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+
+
+def tokenize_pieces(
+    model: object, pieces: Sequence[str], prepend_bos: bool = True
+) -> tuple[Int[Tensor, "pos"], Int[Tensor, "pos"]]:
+    """Tokens and segment ids of one prompt given as text pieces, one segment per piece.
+
+    Each piece is tokenized on its own (no BOS) and the tokens are concatenated, so a
+    segment boundary never falls inside a token; with ``prepend_bos`` the model's BOS
+    token is put first and joins the first segment. A tokenizer may split the joined
+    text differently at the boundaries than the pieces alone.
+
+    Returns:
+        ``(tokens, ids)``, both ``[pos]`` on the model's device.
+
+    Raises:
+        ValueError: no pieces, or a piece that tokenizes to nothing (an empty string).
+    """
+    if isinstance(pieces, str) or not pieces:
+        raise ValueError("pieces must be a non-empty list of strings, one per segment (e.g. [system, user])")
+    parts = [model.to_tokens(piece, prepend_bos=False)[0] for piece in pieces]  # type: ignore[attr-defined]
+    lengths = [len(p) for p in parts]
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise ValueError(
+            f"pieces {empty} ({[pieces[i] for i in empty]!r}) tokenize to nothing: every segment needs a token"
+        )
+    if prepend_bos:
+        bos = getattr(model.tokenizer, "bos_token_id", None)  # type: ignore[attr-defined]
+        if bos is None:
+            raise ValueError("this model's tokenizer has no BOS token: call tokenize_pieces(..., prepend_bos=False)")
+        parts.insert(0, torch.tensor([bos], dtype=parts[0].dtype, device=parts[0].device))
+        lengths[0] += 1
+    tokens = torch.cat(parts)
+    return tokens, segment_ids(lengths).to(tokens.device)
+
+
+def tokenize_batch(
+    model: object, prompts: Sequence[Sequence[str]], prepend_bos: bool = True
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Tokens and segment ids of several prompts (each a list of pieces), right-padded.
+
+    Padding positions hold the tokenizer's pad token (or 0 without one) and segment id
+    ``-1`` (:data:`PAD_ID`).
+    """
+    if isinstance(prompts, str) or not prompts or any(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a list of prompts, each a list of pieces, e.g. [[system, user], ...]")
+    rows = [tokenize_pieces(model, pieces, prepend_bos) for pieces in prompts]
+    width = max(len(t) for t, _ in rows)
+    pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    pad = 0 if pad is None else int(pad)
+    tokens = torch.full((len(rows), width), pad, dtype=rows[0][0].dtype, device=rows[0][0].device)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long, device=rows[0][0].device)
+    for i, (t, s) in enumerate(rows):
+        tokens[i, : len(t)] = t
+        ids[i, : len(s)] = s
+    return tokens, ids
+
+
+def check_ids(ids: Tensor) -> Int[Tensor, "batch pos"]:
+    """``ids`` as a ``[batch, pos]`` long tensor, checked: each row's ids never decrease and
+    padding (``-1``) comes only after the prompt (right padding).
+
+    Raises:
+        ValueError: with the row and position of the first problem.
+    """
+    ids = torch.as_tensor(ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"segment ids must be integers, got {ids.dtype}")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"segment ids must be [pos] or [batch, pos] with pos >= 1, got shape {tuple(ids.shape)}")
+    ids = ids.long()
+    if bool((ids < PAD_ID).any()):
+        raise ValueError("segment ids must be >= 0 (padding: -1)")
+    pad = ids == PAD_ID
+    late = pad[:, :-1] & ~pad[:, 1:]
+    if bool(late.any()):
+        row, pos = (int(v) for v in late.nonzero()[0])
+        raise ValueError(f"row {row}: padding (id -1) at position {pos} before prompt tokens; pad on the right")
+    if bool(pad[:, 0].any()):
+        raise ValueError(f"row {int(pad[:, 0].nonzero()[0])} is all padding: every prompt needs a token")
+    back = (ids[:, 1:] < ids[:, :-1]) & ~pad[:, 1:]
+    if bool(back.any()):
+        row, pos = (int(v) for v in back.nonzero()[0])
+        raise ValueError(
+            f"row {row}: segment id goes down from {int(ids[row, pos])} to {int(ids[row, pos + 1])} at position "
+            f"{pos + 1}; segments must come in order (ids never decrease along the prompt)"
+        )
+    return ids
+
+
+def prefill_mask(ids: Int[Tensor, "batch pos"], total_len: int | None = None) -> Bool[Tensor, "batch query key"]:
+    """The attention mask that segment ids imply: True where a query may attend to a key.
+
+    With ``P = ids.shape[-1]`` prompt positions and ``T = total_len`` (default ``P``):
+
+    * prompt query ``q < P`` with ``ids[q] >= 0``: key ``k`` is allowed iff ``k < P``,
+      ``ids[k] >= 0`` and ``ids[k] <= ids[q]`` (its own segment, whole, and the earlier ones);
+    * query ``q >= P`` (a generated token): causal, and sees the whole prompt: every
+      ``k <= q`` except padding keys;
+    * padding keys (id -1) are never seen; a padding query row sees only itself, so its
+      softmax stays finite (its outputs mean nothing).
+
+    Args:
+        ids: ``[batch, pos]`` (or ``[pos]``) segment ids, non-decreasing, right-padded with -1.
+        total_len: the sequence length the mask covers, ``>= pos`` (prompt plus generated tokens).
+
+    Returns:
+        ``[batch, total_len, total_len]`` booleans on the device of ``ids``.
+    """
+    ids = check_ids(ids)
+    P = ids.shape[1]
+    T = P if total_len is None else int(total_len)
+    if T < P:
+        raise ValueError(f"total_len={T} is shorter than the prompt ({P} positions): pass total_len >= {P}")
+    after = int(ids.max()) + 1 + torch.arange(T - P, device=ids.device)  # generated tokens: one segment each
+    seg = torch.cat([ids, after.expand(ids.shape[0], T - P)], dim=1)
+    pos = torch.arange(T, device=ids.device)
+    real = seg >= 0
+    mask = (seg[:, None, :] <= seg[:, :, None]) & real[:, None, :] & real[:, :, None]
+    return mask | (~real[:, :, None] & (pos[:, None] == pos[None, :]))
