@@ -9,11 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tl_reversed
 from conftest import LEGACY, make_tiny
 from tl_reversed.core.segment_generation import SegmentGeneration, generate
 from tl_reversed.core.segments import (
     PAD_ID, prefill_mask, segment_attention, segment_ids, tokenize_batch, tokenize_pieces,
 )  # fmt: skip
+from tl_reversed.core.architecture import describe
 from tl_reversed.core.state import hook_count
 
 # --------------------------------------------------------------------------- ids and masks
@@ -311,3 +313,79 @@ def test_generation_result_saves_loads_and_plots(tmp_path):
     assert torch.equal(out.mask(), prefill_mask(out.segment_ids, total_len=8)[0])
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
         generate(model, ["ab"], max_new_tokens=0)
+
+
+# --------------------------------------------------------------------------- RA under the mask
+
+
+def _loss_with_score_edit(model, tokens, target, ids, layer, head, q, k, delta):
+    def edit(scores, hook):
+        scores = scores.clone()
+        scores[:, head, q, k] += delta
+        return scores
+
+    hook = (f"blocks.{layer}.attn.hook_attn_scores", edit)
+    result = tl_reversed.reversed_attention(model, tokens, target, segments=ids, keep="norms", extra_hooks=[hook])
+    return float(result.loss[0])
+
+
+@pytest.mark.parametrize("arch", ["llama"] if LEGACY else ["gpt2", "llama"])
+def test_ra_under_the_mask_equals_finite_differences_of_the_unscaled_scores(arch):
+    """RA = dL/d(Q.K^T) over the allowed entries, future keys of a segment included; zero where masked.
+
+    Layer 0 is the one whose future keys reach the loss (in the last layer only the rows
+    predicting the target do), and its RA is small (~1e-5), so the step is 1e-3 (the
+    difference quotient's rounding stays near 1e-13). As in test_core: the bridge's Llama
+    softmax runs in float32, so a larger step and tolerance there.
+    """
+    model = make_tiny(arch, dtype=torch.float64)
+    eps, rel = (1e-3, 1e-5) if LEGACY or arch == "gpt2" else (1e-1, 2e-3)
+    tokens, ids = tokenize_pieces(model, ["Be kind.", " Why"])
+    result = tl_reversed.reversed_attention(model, tokens[None], [" ok"], segments=ids)
+    layer, head, q = 0, 1, 3  # a query of the first segment: keys 4..8 are its segment's future
+    scale = describe(model).scales[layer]
+    n = int(result.lengths[0])
+    fd = torch.tensor(
+        [
+            (
+                _loss_with_score_edit(model, tokens[None], [" ok"], ids, layer, head, q, k, eps * scale)
+                - _loss_with_score_edit(model, tokens[None], [" ok"], ids, layer, head, q, k, -eps * scale)
+            )
+            / (2 * eps)
+            for k in range(n)
+        ],
+        dtype=torch.float64,
+    )
+    row = result.maps[0, layer, head, q, :n].double()
+    allowed = prefill_mask(result.segments[0, : len(ids)], total_len=n)[0, q]
+    assert allowed.tolist() == [True] * 9 + [False] * (n - 9)
+    assert row[4:9].abs().min() > 1e-8  # the segment's future keys get gradient
+    torch.testing.assert_close(row, fd, atol=rel * row.abs().max().item(), rtol=0)
+    assert (row[~allowed] == 0).all() and (fd[~allowed] == 0).all()
+    # every row sums to zero over its allowed keys (and is zero elsewhere)
+    maps = result.maps[0, :, :, :n, :n]
+    mask = prefill_mask(result.segments[0, : len(ids)], total_len=n)[0]
+    assert (maps[..., ~mask] == 0).all()
+    sums = maps.sum(-1)  # to rounding: float64 maps, but the bridge's Llama pattern sums to 1 in float32
+    torch.testing.assert_close(sums, torch.zeros_like(sums), atol=(1e-12 if rel < 1e-3 else 1e-6) * maps.abs().max().item(), rtol=0)
+    causal = tl_reversed.reversed_attention(model, tokens[None], [" ok"])
+    assert (causal.maps[0, :, :, :n, :n].triu(1) == 0).all() and (maps.triu(1) != 0).any()
+
+
+def test_ra_under_the_mask_records_the_segments_and_refuses_the_bounded_path(tmp_path):
+    model = make_tiny("llama")
+    tokens, ids = tokenize_batch(model, [["Be kind.", " Why"], ["Hi", " you"]])
+    lengths = (ids >= 0).sum(-1)
+    prompts = [tokens[i, : int(n)] for i, n in enumerate(lengths)]
+    batched = tl_reversed.reversed_attention(model, tokens, [" ok", " no"], segments=ids, batch_size=1, progress=False)
+    for i in range(2):  # one prompt at a time, in chunks of one, gives the same maps
+        alone = tl_reversed.reversed_attention(model, prompts[i][None], [[" ok", " no"][i]], segments=ids[i, : int(lengths[i])])
+        n = int(alone.lengths[0])
+        torch.testing.assert_close(batched.maps[i, ..., :n, :n], alone.maps[0, ..., :n, :n], atol=1e-6, rtol=0)
+    assert batched.segments[1].tolist()[: int(lengths[1])] == ids[1, : int(lengths[1])].tolist()
+    back = type(batched).load(batched.save(tmp_path / "ra.safetensors"))
+    assert torch.equal(back.segments, batched.segments)
+    with pytest.raises(ValueError, match=r"path='bounded' does not run under a segment mask: use path='standard'"):
+        tl_reversed.reversed_attention(model, prompts[0][None], [" ok"], segments=ids[0, :13], path="bounded")
+    with pytest.raises(ValueError, match=r"segments row 0 has 5 ids but prompt 0 has 13 tokens"):
+        tl_reversed.reversed_attention(model, prompts[0][None], [" ok"], segments=ids[0, :5])

@@ -16,7 +16,7 @@ prompt is bidirectional prefill. Padding (right-padded batches) has id ``-1``.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -26,6 +26,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_reversed.core.architecture import attn_hook, describe, mask_route, repeat_kv
+from tl_reversed.core.inputs import Batch
 from tl_reversed.core.state import model_lock
 
 PAD_ID = -1
@@ -210,7 +211,7 @@ def _model_allows(mask: Tensor | None, n_query: int, n_key: int, device: torch.d
     return allowed[:, 0, -n_query:, :n_key]
 
 
-def _kwarg_hook(ids: Tensor):
+def _kwarg_hook(source: Callable[[], Tensor]):
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if len(args) > 1 or not isinstance(hidden, Tensor):
@@ -220,7 +221,8 @@ def _kwarg_hook(ids: Tensor):
         position = kwargs.get("cache_position")
         if isinstance(position, Tensor) and position.numel():
             n_key = max(n_key, int(position[-1]) + 1)
-        allowed = _rows(ids, hidden.shape[0], hidden.shape[1], _model_allows(own, hidden.shape[1], n_key, hidden.device))
+        allowed = _model_allows(own, hidden.shape[1], n_key, hidden.device)
+        allowed = _rows(source(), hidden.shape[0], hidden.shape[1], allowed)
         additive = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device)
         kwargs["attention_mask"] = additive.masked_fill(~allowed, torch.finfo(hidden.dtype).min)[:, None]
         return args, kwargs
@@ -228,7 +230,7 @@ def _kwarg_hook(ids: Tensor):
     return hook
 
 
-def _score_hooks(model: Any, ids: Tensor) -> list[tuple[str, Any]]:
+def _score_hooks(model: Any, source: Callable[[], Tensor]) -> list[tuple[str, Any]]:
     """HookedTransformer: recompute each layer's scores from its (post-rotary) q and k, then mask them."""
     route, scales = mask_route(model), describe(model).scales
     hooks: list[tuple[str, Any]] = []
@@ -245,7 +247,7 @@ def _score_hooks(model: Any, ids: Tensor) -> list[tuple[str, Any]]:
             raw = einops.einsum(q, k, "b q h d, b k h d -> b h q k") * scale
             if route.softcap:
                 raw = route.softcap * torch.tanh(raw / route.softcap)
-            allowed = _rows(ids, x.shape[0], x.shape[2], ~torch.isneginf(x[:, 0]))
+            allowed = _rows(source(), x.shape[0], x.shape[2], ~torch.isneginf(x[:, 0]))
             return raw.to(x.dtype).masked_fill(~allowed[:, None], float("-inf"))
 
         hooks += [
@@ -278,6 +280,13 @@ def segment_attention(model: Any, ids: Int[Tensor, "batch pos"]) -> Iterator[Non
         ValueError: bad ids (:func:`check_ids`), or already inside ``segment_attention``.
     """
     ids = check_ids(ids)
+    with masked_by(model, lambda: ids):
+        yield
+
+
+@contextmanager
+def masked_by(model: Any, source: Callable[[], Tensor]) -> Iterator[None]:
+    """:func:`segment_attention` with the ids read from ``source()`` at every forward (checked ids)."""
     route = mask_route(model)
     with model_lock(model), ExitStack() as stack:
         if model in _active:
@@ -285,9 +294,80 @@ def segment_attention(model: Any, ids: Int[Tensor, "batch pos"]) -> Iterator[Non
         _active.add(model)
         stack.callback(_active.discard, model)
         if route.kind == "scores":
-            stack.enter_context(model.hooks(fwd_hooks=_score_hooks(model, ids)))
+            stack.enter_context(model.hooks(fwd_hooks=_score_hooks(model, source)))
         else:
             for block in model.blocks:
-                handle = block.attn.register_forward_pre_hook(_kwarg_hook(ids), with_kwargs=True)
+                handle = block.attn.register_forward_pre_hook(_kwarg_hook(source), with_kwargs=True)
                 stack.callback(handle.remove)
         yield
+
+
+# --------------------------------------------------------------------------- a pass of the engine under the mask
+
+
+def prompt_ids(segments: Tensor, batch: Batch) -> Int[Tensor, "batch pos"]:
+    """The segment ids of each row's prompt, ``[batch, pos]`` over the batch's width, -1 after the prompt.
+
+    ``segments`` is ``[pos]`` (one prompt length for every row) or ``[batch, pos]``
+    (right-padded with -1), one id per prompt token as the batch tokenized it.
+    """
+    ids = check_ids(segments).to(batch.tokens.device)
+    n, width = batch.tokens.shape
+    if ids.shape[0] == 1 and n > 1:
+        ids = ids.expand(n, -1)
+    if ids.shape[0] != n:
+        raise ValueError(f"segments has {ids.shape[0]} rows of ids for {n} prompts: give one row per prompt")
+    out = torch.full((n, width), PAD_ID, dtype=torch.long, device=ids.device)
+    for i in range(n):
+        real, prompt = int((ids[i] >= 0).sum()), int(batch.prompt_lengths[i])
+        if real != prompt:
+            raise ValueError(
+                f"segments row {i} has {real} ids but prompt {i} has {prompt} tokens: give one id per prompt "
+                "token (tokenize the pieces with tokenize_pieces and pass its tokens as the prompt)"
+            )
+        out[i, :prompt] = ids[i, :prompt]
+    return out
+
+
+def unpad(prompts: Any, segments: Tensor) -> Any:
+    """Right-padded token prompts ``[batch, pos]`` as a list of rows without their padding
+    (where ``segments`` is -1); anything else unchanged."""
+    if not isinstance(prompts, Tensor) or prompts.ndim != 2 or torch.as_tensor(segments).shape != prompts.shape:
+        return prompts
+    ids = torch.as_tensor(segments)
+    return [row[: int((seg >= 0).sum())] for row, seg in zip(prompts, ids)]
+
+
+def run_ids(prompt: Int[Tensor, "batch pos"], lengths: Int[Tensor, " batch"]) -> Int[Tensor, "batch pos"]:
+    """Ids for a whole pass: each row's prompt ids, then one fresh id per later real token
+    (they attend causally and see the whole prompt), then -1 on padding."""
+    out = prompt.clone()
+    width = prompt.shape[1]
+    for i in range(prompt.shape[0]):
+        start, stop = int((prompt[i] >= 0).sum()), int(lengths[i])
+        out[i, start:stop] = int(prompt[i].max()) + 1 + torch.arange(stop - start, device=out.device)
+    return out[:, :width]
+
+
+class SegmentSink:
+    """A pass-engine sink that collects nothing: it hands each chunk's rows of ``ids`` to the mask.
+
+    Run the pass inside ``masked_by(model, sink.current)``; the engine calls ``hooks`` before
+    each chunk's forward, which points the mask at that chunk's rows.
+    """
+
+    def __init__(self, ids: Int[Tensor, "batch pos"]):
+        self.ids, self._now = ids, ids
+
+    def current(self) -> Tensor:
+        return self._now
+
+    def hooks(self, chunk: Any) -> tuple[list, list]:
+        self._now = self.ids[chunk.index, : chunk.batch.tokens.shape[1]]
+        return [], []
+
+    def merge(self, chunk: Any) -> None:
+        return None
+
+    def finish(self) -> None:
+        return None
