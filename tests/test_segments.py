@@ -389,3 +389,25 @@ def test_ra_under_the_mask_records_the_segments_and_refuses_the_bounded_path(tmp
         tl_reversed.reversed_attention(model, prompts[0][None], [" ok"], segments=ids[0, :13], path="bounded")
     with pytest.raises(ValueError, match=r"segments row 0 has 5 ids but prompt 0 has 13 tokens"):
         tl_reversed.reversed_attention(model, prompts[0][None], [" ok"], segments=ids[0, :5])
+
+
+def test_plots_and_page_of_ra_under_the_mask_show_the_segments():
+    model = make_tiny("llama")
+    tokens, ids = tokenize_pieces(model, ["Be kind.", " Why"])  # segment 1 starts at 9, the prompt ends at 13
+    result = tl_reversed.reversed_attention(model, tokens[None], [" ok"], segments=ids)
+    from tl_reversed.views.plotting import plot_head, plot_top_heads
+
+    fig = plot_head(result, layer=0, head=1)
+    ax_ra = fig.axes[1]
+    shown = ax_ra.get_images()[0].get_array()
+    allowed = prefill_mask(ids, total_len=int(result.lengths[0]))[0].numpy()
+    assert (shown.mask == ~allowed).all()  # the segment's future keys are drawn, the hidden keys masked
+    vertical = sorted(line.get_xdata()[0] for line in ax_ra.get_lines() if line.get_xdata()[0] == line.get_xdata()[1])
+    assert vertical == [8.5, 12.5]
+    top = plot_top_heads(result, k=2).axes[0]
+    assert (top.get_images()[0].get_array().mask == ~allowed).all() and len(top.get_lines()) == 4
+    page = result.to_html(heads=[(0, 1)])
+    assert '"maskUpperTri":false' in page and "start at positions [9, 13]" in page
+    assert page.count("border-left: 3px solid") == 2
+    causal = tl_reversed.reversed_attention(model, tokens[None], [" ok"])
+    assert '"maskUpperTri":true' in causal.to_html(heads=[(0, 1)]) and not plot_head(causal, 0, 1).axes[1].get_lines()

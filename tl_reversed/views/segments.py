@@ -10,6 +10,8 @@ from jaxtyping import Bool, Int
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from tl_reversed.core.segments import prefill_mask
+
 BOUNDARY_COLOR = "#d62728"
 
 
@@ -60,3 +62,26 @@ def plot_segment_mask(
     draw_boundaries(ax, boundaries(segment_ids) + ([n_prompt] if n > n_prompt else []))
     ax.set_title(f"segment mask: {len(boundaries(segment_ids)) + 1} segments, {n - n_prompt} generated tokens")
     return fig
+
+
+# --------------------------------------------------------------------------- RA results run under a segment mask
+
+
+def result_mask(result: object, example: int = 0) -> np.ndarray | None:
+    """``[pos, pos]`` the mask one example of a ``ReversedAttention`` ran under; ``None`` if causal."""
+    segments = getattr(result, "segments", None)
+    if segments is None:
+        return None
+    i = example % len(result.lengths)  # type: ignore[attr-defined]
+    prompt = segments[i][segments[i] >= 0]
+    return prefill_mask(prompt, total_len=int(result.lengths[i]))[0].numpy()  # type: ignore[attr-defined]
+
+
+def result_boundaries(result: object, example: int = 0) -> list[int]:
+    """Where the example's segments start, and where its prompt ends (if tokens follow it)."""
+    segments = getattr(result, "segments", None)
+    if segments is None:
+        return []
+    i = example % len(result.lengths)  # type: ignore[attr-defined]
+    n_prompt = int((segments[i] >= 0).sum())
+    return boundaries(segments[i]) + ([n_prompt] if int(result.lengths[i]) > n_prompt else [])  # type: ignore[attr-defined]
