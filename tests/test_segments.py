@@ -391,6 +391,7 @@ def test_ra_under_the_mask_records_the_segments_and_refuses_the_bounded_path(tmp
         tl_reversed.reversed_attention(model, prompts[0][None], [" ok"], segments=ids[0, :5])
 
 
+@pytest.mark.bridge  # the views alone: one model class is enough
 def test_plots_and_page_of_ra_under_the_mask_show_the_segments():
     model = make_tiny("llama")
     tokens, ids = tokenize_pieces(model, ["Be kind.", " Why"])  # segment 1 starts at 9, the prompt ends at 13
@@ -411,3 +412,16 @@ def test_plots_and_page_of_ra_under_the_mask_show_the_segments():
     assert page.count("border-left: 3px solid") == 2
     causal = tl_reversed.reversed_attention(model, tokens[None], [" ok"])
     assert '"maskUpperTri":true' in causal.to_html(heads=[(0, 1)]) and not plot_head(causal, 0, 1).axes[1].get_lines()
+
+
+@pytest.mark.skipif(not LEGACY, reason="HookedTransformer exists only in TransformerLens 3.x: make test-legacy runs this")
+def test_a_hooked_transformer_with_alibi_gets_a_clear_error():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_vocab=99,
+                                  act_fn="gelu", positional_embedding_type="alibi")  # fmt: skip
+    model = HookedTransformer(cfg)
+    with pytest.raises(TypeError, match="segment masks are not supported on a HookedTransformer with ALiBi or log-n"):
+        with segment_attention(model, torch.zeros(3, dtype=torch.long)):
+            pass
+    assert hook_count(model) == 0
