@@ -383,6 +383,8 @@ def test_ra_under_the_mask_records_the_segments_and_refuses_the_bounded_path(tmp
         n = int(alone.lengths[0])
         torch.testing.assert_close(batched.maps[i, ..., :n, :n], alone.maps[0, ..., :n, :n], atol=1e-6, rtol=0)
     assert batched.segments[1].tolist()[: int(lengths[1])] == ids[1, : int(lengths[1])].tolist()
+    rows = tl_reversed.reversed_attention(model, tokens, [" ok", " no"], segments=ids, query_positions=[2, 5], path="auto")
+    torch.testing.assert_close(rows.maps[:, :, :, :, :13], batched.maps[:, :, :, [2, 5], :13], atol=1e-6, rtol=0)
     back = type(batched).load(batched.save(tmp_path / "ra.safetensors"))
     assert torch.equal(back.segments, batched.segments)
     with pytest.raises(ValueError, match=r"path='bounded' does not run under a segment mask: use path='standard'"):
