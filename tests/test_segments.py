@@ -13,7 +13,7 @@ import tl_reversed
 from conftest import LEGACY, make_tiny
 from tl_reversed.core.segment_generation import SegmentGeneration, generate
 from tl_reversed.core.segments import (
-    PAD_ID, prefill_mask, segment_attention, segment_ids, tokenize_batch, tokenize_pieces,
+    PAD_ID, chat_pieces, prefill_mask, segment_attention, segment_ids, tokenize_batch, tokenize_pieces,
 )  # fmt: skip
 from tl_reversed.core.architecture import describe
 from tl_reversed.core.state import hook_count
@@ -427,3 +427,19 @@ def test_a_hooked_transformer_with_alibi_gets_a_clear_error():
         with segment_attention(model, torch.zeros(3, dtype=torch.long)):
             pass
     assert hook_count(model) == 0
+
+
+def test_chat_pieces_cut_a_chat_template_at_the_turns():
+    model = make_tiny("llama")  # a fresh model: its tokenizer's template is set here only
+    model.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    messages = [{"role": "s", "content": "Be kind."}, {"role": "u", "content": "Hi?"}]
+    assert chat_pieces(model, messages) == ["<s>Be kind.\n", "<u>Hi?\n<a>"]
+    assert chat_pieces(model, messages, add_generation_prompt=False) == ["<s>Be kind.\n", "<u>Hi?\n"]
+    model.tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match=r"the chat template renders turns 0..0 as text that does not start turns 0..1"):
+        chat_pieces(model, messages)
+    model.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="this model's tokenizer has no chat template: give the pieces yourself"):
+        chat_pieces(model, messages)
