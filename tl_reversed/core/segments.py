@@ -247,7 +247,10 @@ def _kwarg_hook(source: Callable[[], Tensor]):
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if len(args) > 1 or not isinstance(hidden, Tensor):
-            raise TypeError(f"{type(module).__name__} was called without hidden_states first and the mask by keyword")
+            raise TypeError(
+                f"segment_attention needs {type(module).__name__} called with hidden_states first and attention_mask "
+                f"by keyword; it got {len(args)} positional arguments: this architecture is not supported"
+            )
         own = kwargs.get("attention_mask")
         n_key = own.shape[-1] if isinstance(own, Tensor) and own.ndim == 4 else hidden.shape[1]
         position = kwargs.get("cache_position")
