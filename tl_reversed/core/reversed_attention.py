@@ -318,7 +318,7 @@ class RASink:
         return fwd, bwd
 
     def _tile_reducers(self, lengths: Tensor, rows: Tensor | None, out: dict[str, Tensor]) -> list[Hook]:
-        """Put one reducer per layer in ``self.tiles``; the hooks left are no-ops on ``hook_z`` (for the NaN check)."""
+        """Put one reducer per layer in ``self.tiles``; the backward hooks on ``hook_z`` hand it the gradient there."""
         assert self.tiles is not None
         self.tiles.clear()
 
@@ -329,9 +329,12 @@ class RASink:
 
             return done
 
+        def take(reducer: TileReducer) -> Callable[[Tensor, object], None]:
+            return lambda grad, hook: reducer.take_grad(grad)
+
         for i, layer in enumerate(self.layers):
             self.tiles[layer] = TileReducer(lengths, rows, "maps" in out, self.spec.scales[layer], store(i))
-        return [(attn_hook(layer, "z"), lambda grad, hook: None) for layer in self.layers]
+        return [(attn_hook(layer, "z"), take(self.tiles[layer])) for layer in self.layers]
 
     def merge(self, chunk: Chunk) -> None:
         idx, out = chunk.index, self._chunk

@@ -154,7 +154,9 @@ class TileReducer:
     The same numbers as :func:`reduce_layer` (norms of real tokens, maps or kept rows),
     from ``add(start, pattern, grad_pattern)`` calls of query rows ``start:start + tile``
     (``[batch, head, tile, key_pos]``, see :mod:`tl_reversed.core.tiled_attention`);
-    ``finish()`` passes the dict :func:`reduce_layer` returns to ``done``.
+    ``finish()`` passes the dict :func:`reduce_layer` returns to ``done``. Where
+    :meth:`take_grad` was given the gradient at ``hook_z`` and it differs from the
+    attention output's (an edit at ``hook_z``), ``dL/dA`` is rebuilt from it.
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class TileReducer:
     ):
         self.lengths, self.rows, self.keep_maps, self.scale, self.done = lengths, rows, keep_maps, scale, done
         self.parts: dict[str, Tensor] = {}
+        self.grad_z: Tensor | None = None
 
     def _start(self, pattern: Tensor) -> None:
         n, n_heads, _, width = pattern.shape
@@ -183,10 +186,19 @@ class TileReducer:
             self.parts["maps"] = torch.zeros(n, n_heads, n_rows, width, dtype=dtype, device=where)
             self.parts["pattern"] = torch.zeros_like(self.parts["maps"])
 
-    def add(self, start: int, pattern: Tensor, grad_pattern: Tensor) -> None:
+    def take_grad(self, grad_z: Float[Tensor, "batch query_pos head d_head"]) -> None:
+        """The gradient at ``hook_z`` (a backward hook's view, after any edit made there)."""
+        self.grad_z = grad_z.detach()
+
+    def add(self, start: int, pattern: Tensor, grad_pattern: Tensor, grad_out: Tensor, values: Tensor) -> None:
         if not self.parts:
             self._start(pattern)
         stop = start + pattern.shape[2]
+        hooked = None if self.grad_z is None else self.grad_z[:, start:stop].transpose(1, 2).to(grad_out.dtype)
+        if hooked is not None and not torch.equal(hooked, grad_out):
+            # an edit at hook_z (e.g. a head ablated there) makes dL/dZ differ from the gradient at
+            # hook_z; RA is defined from the latter on every path (G = grad(hook_z) V^T)
+            grad_pattern = hooked @ values.transpose(-1, -2)
         if self.rows is None:
             query_real = (torch.arange(start, stop, device=pattern.device)[None] < self.lengths[:, None]).to(pattern.dtype)
             mask = query_real[:, None, :, None] * self.key_real
@@ -218,5 +230,5 @@ class TileReducer:
         out = {"norms": parts["squares"].sqrt().cpu(), "pattern_norms": parts["pattern_squares"].sqrt().cpu()}
         if self.keep_maps:
             out["maps"], out["pattern"] = parts["maps"].cpu(), parts["pattern"].cpu()
-        self.parts = {}
+        self.parts, self.grad_z = {}, None
         self.done(out)

@@ -19,7 +19,7 @@ and, with ``dZ`` the gradient of ``Z`` (the gradient at ``hook_z``)::
     dS  = A * (G - rowsum(dZ * Z))   rowsum(dZ * Z) = rowsum(A * G)
     dQ  = cap'(.) dS K c,  dK = (cap'(.) dS)^T Q c,  dV = A^T dZ
 
-and hands ``A`` and ``G`` of the tile to an observer (:class:`tl_reversed.core.rows.TileReducer`),
+and hands ``A`` and ``G`` of the tile (with ``dZ`` and ``V``) to an observer (:class:`tl_reversed.core.rows.TileReducer`),
 which turns them into RA (``A * (G - rowsum(A * G)) * c``) norms and kept rows: RA is
 reduced from the very tiles the backward needs anyway.
 
@@ -43,7 +43,7 @@ MaskTile = Callable[[Tensor, int, int], Tensor]
 class TileObserver(Protocol):
     """What the backward hands each tile's pattern and ``dL/dA`` to."""
 
-    def add(self, start: int, pattern: Tensor, grad_pattern: Tensor) -> None: ...
+    def add(self, start: int, pattern: Tensor, grad_pattern: Tensor, grad_out: Tensor, values: Tensor) -> None: ...
 
     def finish(self) -> None: ...
 
@@ -122,7 +122,7 @@ class TiledAttention(torch.autograd.Function):
             d_out = grad_out[:, :, start:stop].to(dtype)
             grad_pattern = d_out @ values.transpose(-1, -2)
             if ctx.observer is not None:
-                ctx.observer.add(start, pattern, grad_pattern)
+                ctx.observer.add(start, pattern, grad_pattern, d_out, values)
             grad_scores = pattern * (grad_pattern - delta[:, :, start:stop])
             del grad_pattern
             if capped is not None:  # d/dx s tanh(x / s) = 1 - tanh^2
