@@ -405,9 +405,13 @@ def reversed_attention(
             positions keeps only those query rows: maps ``[batch, layer, head, row, key_pos]``
             and norms of the kept rows (see :mod:`tl_reversed.core.rows`).
         path: ``"standard"`` runs the model's own pass (every layer's pattern kept for the
-            backward); ``"bounded"`` checkpoints every block and reduces RA while the block
-            is recomputed, so one layer's pattern is alive at a time
-            (:mod:`tl_reversed.core.bounded`); ``"auto"`` (default) takes the bounded path
+            backward); ``"bounded"`` checkpoints every block, computes attention in query
+            tiles and reduces RA from the tiles of the attention's backward, so no layer's
+            ``[T, T]`` pattern exists (:mod:`tl_reversed.core.bounded`; models whose attention
+            cannot be tiled keep one layer's pattern at a time). There ``hook_pattern`` and
+            ``hook_attn_scores`` never fire, and ``extra_hooks`` on them raise ``ValueError``;
+            ``hook_q``, ``hook_k``, ``hook_v``, ``hook_rot_q``/``hook_rot_k`` and ``hook_z``
+            fire as usual. ``"auto"`` (default) takes the bounded path
             for norms or query rows when the patterns the standard pass would keep exceed
             1 GiB (:data:`tl_reversed.core.bounded.BOUNDED_ABOVE_BYTES`). Both give the same RA.
 
