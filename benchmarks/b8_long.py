@@ -1,7 +1,9 @@
 """B8 long prompts: peak memory and time of the memory-bounded RA pass against the standard one.
 
 On the embedded model, one prompt of 512, 1k, 2k and 4k tokens (8k with ``--full``;
-``--quick``: 512 to 2k), and per length:
+``--quick``: 512 to 2k) read with the target :data:`TARGET` at its end (random prompt
+tokens, then the target: the default target loss unembeds the target positions alone,
+as for any user's prompt and answer), and per length:
 
 * ``bounded norms``: ``reversed_attention(keep="norms", path="bounded")``;
 * ``bounded last``: ``query_positions="last"`` (maps of the last row), ``path="bounded"``;
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.b4_growth import _loss, _release_memory
+from benchmarks.b4_growth import _release_memory
 from benchmarks.common import Context, Row, child_main, fit_exponent, row, run_child
 
 LENGTHS = (512, 1024, 2048, 4096)
@@ -35,6 +37,8 @@ STANDARD_COPIES = 4
 MODES = ("bounded norms", "bounded last", "standard norms", "plain fwdbwd")
 TIMED_UP_TO = 2048
 TIME_ROUNDS = 2
+TARGET = " Paris"
+"""The answer the loss reads (what a user asks RA about): only its positions are unembedded."""
 
 
 def standard_fits(model, length: int) -> bool:
@@ -56,25 +60,29 @@ def point(args: dict) -> dict:
 
     from benchmarks.common import Context, peak_memory
     from tl_reversed import reversed_attention
+    from tl_reversed.core.architecture import describe
     from tl_reversed.core.engine import forward_backward
-    from tl_reversed.core.inputs import Batch
+    from tl_reversed.core.inputs import tokenize
     from tl_reversed.core.state import untouched
 
     ctx = Context(device=args["device"], tiny=args["tiny"])
     model = ctx.tiny_model(n_layers=4, d_model=64, n_heads=4, n_ctx=512) if args["tiny"] else ctx.model()
     length = args["length"]
     tokens = torch.randint(3, model.cfg.d_vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    spec = describe(model)
+    n_target = len(tokenize(model, tokens[:, :1], [TARGET], spec, need_targets=True).targets[0])
+
     def caller(mode: str, n: int = length):
         path, what = mode.split()
         kwargs = {"keep": "norms"} if what == "norms" else {"keep": "maps", "query_positions": "last"}
+        prompt = tokens[:, : n - n_target + 1]  # prompt + target = n tokens read
 
         def call():
             if path == "plain":
-                lengths = torch.tensor([n])
                 with untouched(model):
-                    forward_backward(model, Batch(tokens[:, :n], lengths, lengths, [torch.empty(0, dtype=torch.long)], None, None), _loss)
+                    forward_backward(model, tokenize(model, prompt, [TARGET], spec, need_targets=True), None)
             else:
-                reversed_attention(model, tokens[:, :n], metric=_loss, progress=False, path=path, **kwargs)
+                reversed_attention(model, prompt, [TARGET], progress=False, path=path, **kwargs)
             ctx.sync()
 
         return call
