@@ -26,12 +26,11 @@ from torch import Tensor
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
 from tl_reversed.core import memory
 from tl_reversed.core.checks import check_layers  # noqa: F401 (also imported from here)
-from tl_reversed.core.bounded import checkpointed_blocks, choose_path, standard_pattern_bytes
 from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.options import KEEP, RA_PATHS, Keep, RAPath, check_option
 from tl_reversed.core.results import Result
-from tl_reversed.core.state import model_lock
+from tl_reversed.core.paths import pass_for, resolve_path
 from tl_reversed.core.rows import QueryPositions, query_rows, reduce_layer
 
 
@@ -381,7 +380,8 @@ def reversed_attention(
             is recomputed, so one layer's pattern is alive at a time
             (:mod:`tl_reversed.core.bounded`); ``"auto"`` (default) takes the bounded path
             for norms or query rows when the patterns the standard pass would keep exceed
-            1 GiB (:data:`tl_reversed.core.bounded.BOUNDED_ABOVE_BYTES`). Both give the same RA.
+            1 GiB (:data:`tl_reversed.core.bounded.BOUNDED_ABOVE_BYTES`; per model:
+            :func:`tl_reversed.core.paths.bounded_above`). Both give the same RA.
 
     Returns:
         A :class:`ReversedAttention` result.
@@ -392,21 +392,15 @@ def reversed_attention(
     check_option("path", path, RA_PATHS)
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None, metric=metric is not None)
     rows = query_rows(query_positions, batch)
-    per_pass = len(batch) if batch_size is None else min(len(batch), batch_size)
-    dtype = next(model.parameters()).dtype
-    estimate = standard_pattern_bytes(spec, spec.n_layers, per_pass, batch.tokens.shape[1], dtype)
-    if choose_path(path, keep, query_positions, estimate) == "standard":
-        if memory.enabled(memory_check):
-            parts = batch.chunks(batch_size, same_length=metric is not None)
-            memory.check_pass(model, batch, parts, what="reversed_attention", keep=keep, kept_layers=len(chosen),
-                              full_logits=metric is not None)  # fmt: skip
-        sink = RASink(model, spec, chosen, batch, keep, rows=rows)
-        run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
-            progress=progress, desc="reversed attention")  # fmt: skip
-        return sink.finish()
-    # the bounded path keeps one layer's activations at a time: the standard estimate does not apply
-    with model_lock(model), checkpointed_blocks(model) as state:  # the lock: no other thread sees the swapped forwards
-        sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=state.recomputing)
+    chosen_path = resolve_path(model, spec, batch, path=path, keep=keep, query_positions=query_positions,
+                               batch_size=batch_size)  # fmt: skip
+    if memory.enabled(memory_check) and chosen_path == "standard":
+        # the bounded path keeps one layer's activations at a time: the standard estimate does not apply
+        parts = batch.chunks(batch_size, same_length=metric is not None)
+        memory.check_pass(model, batch, parts, what="reversed_attention", keep=keep, kept_layers=len(chosen),
+                          full_logits=metric is not None)  # fmt: skip
+    with pass_for(model, chosen_path) as gate:
+        sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=gate)
         run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
             progress=progress, desc="reversed attention")  # fmt: skip
     return sink.finish()
