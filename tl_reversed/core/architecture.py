@@ -321,7 +321,8 @@ def _norm_affine(model: object, norm: torch.nn.Module) -> NormAffine:
     original = getattr(norm, "original_component", None)
     if original is None:
         raise TypeError(f"the norm {type(norm).__name__} wraps no Hugging Face module to read its weight from")
-    param = next(model.parameters())  # type: ignore[attr-defined]
+    own = next(original.parameters(), None)  # probe the norm on its own device (a split model's last)
+    param = own if own is not None else next(model.parameters())  # type: ignore[attr-defined]
     return _probe_norm_affine(original, d_model, param.dtype, param.device)
 
 

@@ -258,11 +258,9 @@ class RASink:
         gate: Callable[[int], bool] | None = None,
     ):
         n, width = batch.tokens.shape
-        param = next(model.parameters())
         self.model, self.spec, self.layers, self.batch, self.keep = model, spec, layers, batch, keep
-        self.rows, self.gate = rows, gate
-        self.device = param.device
-        self.dtype = accumulation_dtype(param.dtype)
+        self.rows, self.gate = rows, gate  # each layer is reduced on its own device (a split model), gathered on the CPU
+        self.dtype = accumulation_dtype(next(model.parameters()).dtype)
         self.norms = torch.zeros(n, len(layers), spec.n_heads, dtype=self.dtype)
         self.pattern_norms = torch.zeros_like(self.norms)
         shape = (n, len(layers), spec.n_heads, width if rows is None else rows.shape[1], width)

@@ -131,15 +131,15 @@ def fill(
     real = (torch.arange(w)[None, :] < sub.lengths[:, None]).to(device)  # [n, w]
     xhat = scale = None
     if projector.jacobian:
-        xhat = sink.final[FINAL_NORM].to(dtype).flatten(0, 1)
-        scale = sink.final[FINAL_NORM_SCALE].to(dtype).flatten()
+        xhat = sink.final[FINAL_NORM].to(device, dtype).flatten(0, 1)
+        scale = sink.final[FINAL_NORM_SCALE].to(device, dtype).flatten()
     target = None
     if out.top.target_rank is not None:
         first = torch.stack([t[0] for t in sub.targets]).to(device)
         target = einops.repeat(first, "b -> (b p)", p=w)
     for s, site in enumerate(sites):
         for j, layer in enumerate(layers):
-            g = sink.grads[(site, layer)].to(dtype) * real[..., None]  # [n, w, d_model]
+            g = sink.grads[(site, layer)].to(device, dtype) * real[..., None]  # [n, w, d_model], on the projector's device
             index = (idx, s, j, slice(0, w))
             norms = g.norm(dim=-1)
             out.norms[index] = norms.cpu()
@@ -158,7 +158,7 @@ def fill(
         return
     for j, layer in enumerate(layers):
         w_o = model.blocks[layer].attn.W_O.detach().to(device, dtype)  # type: ignore[index]
-        dz = sink.grads[("z", layer)].to(dtype)
+        dz = sink.grads[("z", layer)].to(device, dtype)
         mapped = einops.einsum(dz, w_o, "b p h d, h d m -> b h p m") * real[:, None, :, None]
         index = (idx, j, slice(None), slice(0, w))
         norms = mapped.norm(dim=-1)
