@@ -165,10 +165,10 @@ def cache_with_grads(
 
 
 def _layers_of(result: ReversedAttention, layers: list[int]) -> ReversedAttention:
-    """``result`` restricted to ``layers`` (each one it holds)."""
+    """``result`` restricted to ``layers`` (each one it holds: the cache's RA covers every layer)."""
     if layers == result.layers:
         return result
-    index = [result._layer_index(layer) for layer in layers]
+    index = [result.layers.index(layer) for layer in layers]
     pick = (lambda t: None if t is None else t[:, index])  # noqa: E731
     return dataclasses.replace(result, norms=pick(result.norms), pattern_norms=pick(result.pattern_norms),
                                maps=pick(result.maps), pattern=pick(result.pattern), layers=list(layers))  # fmt: skip
