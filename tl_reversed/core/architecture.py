@@ -55,6 +55,21 @@ def block_hook(layer: int, name: str) -> str:
     return f"blocks.{layer}.hook_{name}"
 
 
+def block_of(name: str) -> int | None:
+    """The layer of a hook inside a block (``"blocks.3.attn.hook_z"`` -> 3); None outside the blocks."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+SQUARE_ATTN_HOOKS = ("pattern", "attn_scores")
+"""Attention hooks of ``[batch, head, query_pos, key_pos]``: tokens^2 per layer."""
+
+
+def is_square_attention(name: str) -> bool:
+    """Whether hook ``name`` is one of a layer's ``[head, query_pos, key_pos]`` tensors."""
+    return block_of(name) is not None and name.endswith(tuple(f".hook_{h}" for h in SQUARE_ATTN_HOOKS))
+
+
 FINAL_NORM = "ln_final.hook_normalized"
 """The final norm's normalised residual, before its elementwise weight (see ``final_norm``)."""
 
@@ -306,7 +321,8 @@ def _norm_affine(model: object, norm: torch.nn.Module) -> NormAffine:
     original = getattr(norm, "original_component", None)
     if original is None:
         raise TypeError(f"the norm {type(norm).__name__} wraps no Hugging Face module to read its weight from")
-    param = next(model.parameters())  # type: ignore[attr-defined]
+    own = next(original.parameters(), None)  # probe the norm on its own device (a split model's last)
+    param = own if own is not None else next(model.parameters())  # type: ignore[attr-defined]
     return _probe_norm_affine(original, d_model, param.dtype, param.device)
 
 
