@@ -229,6 +229,25 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     return out
 
 
+def add_lora(hf_model, *, rank: int = 8, alpha: float = 16.0, seed: int = 0, targets: Sequence[str] | None = None):
+    """``hf_model`` (a :func:`~tl_reversed.core.hf_copy.hf_copy`) wrapped by peft with fresh LoRA adapters.
+
+    peft's default initialisation: ``A`` random (seeded here, the global generator untouched),
+    ``B`` zero, so the adapted model starts exactly at the base model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = tuple(targets) if targets is not None else attention_projections(hf_model)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(hf_model, config)
+        except ValueError as error:
+            raise ValueError(f"LoRA targets {list(targets)} do not fit {type(hf_model).__name__} ({error}): pass targets=[...] "
+                             "with its attention projection names") from None  # fmt: skip
+
+
 def train_segment_lora(
     model,
     examples: Sequence[SegmentExample],
@@ -259,7 +278,6 @@ def train_segment_lora(
     Returns:
         :class:`SegmentLoRA`: the adapted copy (eval mode, frozen) and its :class:`LoRARun`.
     """
-    from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
     mask = check_mask(mask)
@@ -267,10 +285,7 @@ def train_segment_lora(
         raise ValueError(f"need steps >= 1, batch_size >= 1 and examples; got {steps}, {batch_size}, {len(examples)} examples")
     base = hf_copy(model)
     targets = tuple(targets) if targets is not None else attention_projections(base)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        adapted = get_peft_model(base, config)
+    adapted = add_lora(base, rank=rank, alpha=alpha, seed=seed, targets=targets)
     params = [p for p in adapted.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     data = encode(model, examples, mask)
@@ -408,6 +423,8 @@ def compare_segment_lora(
 __all__ = [
     "INSTRUCTIONS",
     "LoRARun",
+    "add_lora",
+    "answer_loss",
     "SegmentExample",
     "SegmentLoRA",
     "SegmentLoRAComparison",
