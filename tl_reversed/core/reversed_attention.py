@@ -33,6 +33,7 @@ from tl_reversed.core.options import KEEP, RA_PATHS, Keep, RAPath, check_option
 from tl_reversed.core.results import Result
 from tl_reversed.core.state import model_lock
 from tl_reversed.core.rows import QueryPositions, query_rows, reduce_layer
+from tl_reversed.core.segments import SegmentSink, masked_by, prompt_ids, run_ids, unpad
 
 
 def ra_from_parts(
@@ -92,6 +93,8 @@ class ReversedAttention(Result):
         query_positions: ``None`` for whole maps, else the query position of each kept row
             ``[batch, row]`` (``-1`` where an example keeps fewer rows). The norms are then
             those of the kept rows, not of the whole maps.
+        segments: ``None`` under the causal mask; else the segment id of each prompt token
+            ``[batch, pos]`` (-1 after the prompt) the pass ran under (:mod:`tl_reversed.core.segments`).
     """
 
     norms: Float[Tensor, "batch layer head"]
@@ -107,6 +110,7 @@ class ReversedAttention(Result):
     targets: list[str] | None = None
     scales: tuple[float, ...] = field(default=(), repr=False)
     query_positions: Int[Tensor, "batch row"] | None = None
+    segments: Int[Tensor, "batch pos"] | None = None
 
     def __len__(self) -> int:
         return self.norms.shape[0]
@@ -352,6 +356,7 @@ def reversed_attention(
     memory_check: bool = True,
     query_positions: QueryPositions = None,
     path: RAPath = "auto",
+    segments: Tensor | None = None,
 ) -> ReversedAttention:
     """Reversed Attention of every head for prompts and targets.
 
@@ -382,6 +387,10 @@ def reversed_attention(
             (:mod:`tl_reversed.core.bounded`); ``"auto"`` (default) takes the bounded path
             for norms or query rows when the patterns the standard pass would keep exceed
             1 GiB (:data:`tl_reversed.core.bounded.BOUNDED_ABOVE_BYTES`). Both give the same RA.
+        segments: run under a segment mask (MAS, :mod:`tl_reversed.core.segments`): one id per
+            prompt token, ``[pos]`` or ``[batch, pos]`` right-padded with -1 (from ``tokenize_pieces``
+            / ``tokenize_batch``; pass their tokens as ``prompts``, padding is dropped). Target tokens attend causally.
+            RA is then non-zero in the allowed blocks above the diagonal. Standard path only.
 
     Returns:
         A :class:`ReversedAttention` result.
@@ -390,8 +399,13 @@ def reversed_attention(
     chosen = check_layers(layers, spec)
     check_option("keep", keep, KEEP)
     check_option("path", path, RA_PATHS)
+    prompts = prompts if segments is None else unpad(prompts, segments)  # padded rows of tokenize_batch
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None, metric=metric is not None)
     rows = query_rows(query_positions, batch)
+    if segments is not None:
+        if path == "bounded":
+            raise ValueError("path='bounded' does not run under a segment mask: use path='standard' (or 'auto')")
+        path, seg = "standard", SegmentSink(run_ids(prompt_ids(segments, batch), batch.lengths))
     per_pass = len(batch) if batch_size is None else min(len(batch), batch_size)
     dtype = next(model.parameters()).dtype
     estimate = standard_pattern_bytes(spec, spec.n_layers, per_pass, batch.tokens.shape[1], dtype)
@@ -401,9 +415,16 @@ def reversed_attention(
             memory.check_pass(model, batch, parts, what="reversed_attention", keep=keep, kept_layers=len(chosen),
                               full_logits=metric is not None)  # fmt: skip
         sink = RASink(model, spec, chosen, batch, keep, rows=rows)
-        run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
-            progress=progress, desc="reversed attention")  # fmt: skip
-        return sink.finish()
+        if segments is None:
+            run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+                progress=progress, desc="reversed attention")  # fmt: skip
+            return sink.finish()
+        with masked_by(model, seg.current):
+            run(model, batch, [seg, sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+                progress=progress, desc="reversed attention")  # fmt: skip
+        result = sink.finish()
+        result.segments = prompt_ids(segments, batch).cpu()
+        return result
     # the bounded path keeps one layer's activations at a time: the standard estimate does not apply
     with model_lock(model), checkpointed_blocks(model) as state:  # the lock: no other thread sees the swapped forwards
         sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=state.recomputing)
