@@ -210,3 +210,23 @@ def test_cli_train_eval_end_to_end(tiny, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "segments" / "segments.md").read_text().count("| choose_middle_of_3 | 8 / 6 |") == 1
     assert main(["segments", "train", "--tasks", "antonym", "--out", out]) == 2
     assert "no instruction segment for ['antonym']" in capsys.readouterr().err
+
+
+def test_greedy_generation_on_the_copy_is_segments_generate(tiny):
+    from tl_reversed import segments
+
+    pieces = ["Choose the middle word of the three.\n", "Q: ab, cd, ef\nA:"]
+    expected = segments.generate(tiny, pieces, max_new_tokens=6).text
+    assert sl.segment_generate(tiny, pieces, max_new_tokens=6) == expected
+
+
+@pytest.mark.embedded
+def test_the_copy_of_the_embedded_model_has_its_exact_logits(embedded_model):
+    """SmolLM2 ties its embeddings; after the bridge folds the final norm into the unembedding they
+    differ (a copy that loaded one into both was off by 15 nats when this was written)."""
+    copy = hf_copy(embedded_model)
+    tokens = embedded_model.to_tokens("Choose the middle word of the three.\nQ: yacht, umbrella, easel\nA:")
+    with torch.no_grad():
+        own = embedded_model(tokens)
+        assert torch.equal(copy(input_ids=tokens).logits, own)
+        torch.testing.assert_close(masked_logits(copy, tokens, causal_allowed(1, tokens.shape[1])), own, rtol=0, atol=1e-5)

@@ -338,6 +338,32 @@ def segment_accuracy(
     return torch.cat(correct)
 
 
+def segment_generate(model, pieces: Sequence[str], max_new_tokens: int = 8, *, adapted=None, mask: Mask | None = None) -> str:
+    """Greedy continuation of a prompt given as pieces: prefill under the segment mask, then causal.
+
+    Runs ``adapted`` (a :class:`SegmentLoRA`, under its own mask unless ``mask`` is given) or a
+    copy of ``model`` (``mask`` default ``"segments"``). Every step recomputes the whole
+    sequence under :func:`~tl_reversed.core.segments.prefill_mask` (no key-value cache: meant
+    for short answers). Returns the generated text.
+    """
+    mask = check_mask(mask or (adapted.mask if isinstance(adapted, SegmentLoRA) else "segments"))
+    hf_model = adapted.hf_model if isinstance(adapted, SegmentLoRA) else (adapted if adapted is not None else hf_copy(model))
+    tokens, ids = tokenize_pieces(model, pieces)
+    if mask == "causal":
+        ids = torch.arange(len(ids), device=ids.device)
+    device = next(hf_model.parameters()).device
+    tokens, ids = tokens.to(device), ids.cpu()
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = masked_logits(hf_model, tokens[None], prefill_mask(ids[None], total_len=len(tokens)))
+        token = logits[0, -1].argmax()
+        tokens = torch.cat([tokens, token[None]])
+        if eos is not None and int(token) == eos:
+            break
+    return model.tokenizer.decode(tokens[len(ids) :].tolist())
+
+
 @dataclass
 class SegmentLoRAComparison(Result):
     """Held-out accuracy of the base model, causal-LoRA and MAS-LoRA on one task.
@@ -433,5 +459,6 @@ __all__ = [
     "evaluate_segment_lora",
     "segment_accuracy",
     "segment_examples",
+    "segment_generate",
     "train_segment_lora",
 ]
