@@ -29,10 +29,11 @@ projections), so they load onto a model loaded the same way, not onto the raw ch
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -133,22 +134,24 @@ def encode(model, examples: Sequence[SegmentExample], mask: Mask, with_target: b
     )
 
 
-def answer_loss(hf_model, batch: Encoded) -> Float[Tensor, ""]:
-    """Mean cross-entropy of the answer tokens (teacher forcing), under ``batch.allowed``.
-
-    The unembedding runs only at the positions that predict an answer token.
-    """
+def logits_at(hf_model, batch: Encoded, rows: Int[Tensor, " n"], cols: Int[Tensor, " n"]) -> Float[Tensor, "n vocab"]:
+    """Logits at positions ``(rows[i], cols[i])`` under ``batch.allowed``: the unembedding runs only there."""
     first = next(hf_model.parameters())
     device, dtype = first.device, first.dtype
     body = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
     hidden = body.base_model(input_ids=batch.tokens.to(device), attention_mask=additive_mask(batch.allowed.to(device), dtype))
+    return body.get_output_embeddings()(hidden.last_hidden_state[rows.to(device), cols.to(device)])
+
+
+def answer_loss(hf_model, batch: Encoded) -> Float[Tensor, ""]:
+    """Mean cross-entropy of the answer tokens (teacher forcing), under ``batch.allowed``."""
     rows, cols = [], []
     for i, (p, t) in enumerate(zip(batch.prompt_len.tolist(), batch.total_len.tolist())):
         rows += [i] * (t - p)
         cols += list(range(p - 1, t - 1))
-    rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-    logits = body.get_output_embeddings()(hidden.last_hidden_state[rows_t, cols_t])
-    return torch.nn.functional.cross_entropy(logits.float(), batch.tokens.to(device)[rows_t, cols_t + 1])
+    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+    logits = logits_at(hf_model, batch, rows_t, cols_t)
+    return torch.nn.functional.cross_entropy(logits.float(), batch.tokens[rows_t, cols_t + 1].to(logits.device))
 
 
 @dataclass
@@ -205,7 +208,8 @@ class SegmentLoRA:
         folder = Path(folder)
         if not (folder / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{folder} holds no adapter (adapter_config.json): train one with train_segment_lora(...).save(folder)")
-        hf_model = PeftModel.from_pretrained(hf_copy(model), folder).eval()
+        with _quiet_peft():
+            hf_model = PeftModel.from_pretrained(hf_copy(model), folder).eval()
         hf_model.requires_grad_(False)
         return cls(hf_model, LoRARun.load(folder / "run.safetensors"))
 
@@ -229,6 +233,14 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     return out
 
 
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """Silence, for this block only, the deprecation warning peft 0.21 triggers in transformers 5."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
+
+
 def add_lora(hf_model, *, rank: int = 8, alpha: float = 16.0, seed: int = 0, targets: Sequence[str] | None = None):
     """``hf_model`` (a :func:`~tl_reversed.core.hf_copy.hf_copy`) wrapped by peft with fresh LoRA adapters.
 
@@ -239,7 +251,7 @@ def add_lora(hf_model, *, rank: int = 8, alpha: float = 16.0, seed: int = 0, tar
 
     targets = tuple(targets) if targets is not None else attention_projections(hf_model)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_peft():
         torch.manual_seed(seed)
         try:
             return get_peft_model(hf_model, config)
@@ -325,15 +337,13 @@ def segment_accuracy(
     if adapted is None:
         adapted = hf_copy(model)
     hf_model = adapted.hf_model if isinstance(adapted, SegmentLoRA) else adapted
-    device = next(hf_model.parameters()).device
     correct = []
     for begin in range(0, len(examples), batch_size):
         chunk = examples[begin : begin + batch_size]
         data = encode(model, chunk, mask, with_target=False)
         first = torch.stack([model.to_tokens(e.target, prepend_bos=False)[0, 0] for e in chunk]).cpu()
         with torch.no_grad():
-            logits = masked_logits(hf_model, data.tokens.to(device), data.allowed)
-        last = logits[torch.arange(len(chunk)), (data.prompt_len - 1).to(device)]
+            last = logits_at(hf_model, data, torch.arange(len(chunk)), data.prompt_len - 1)
         correct.append(last.argmax(-1).cpu() == first)
     return torch.cat(correct)
 
