@@ -42,5 +42,5 @@ def plot_accuracy(frame: pd.DataFrame, ax: Axes | None = None) -> Figure:
     ax.set_xticks(range(len(tasks)), tasks, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("held-out top-1 accuracy")
-    ax.legend(frameon=False, fontsize=7, ncol=2)
+    ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
