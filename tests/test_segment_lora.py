@@ -230,3 +230,25 @@ def test_the_copy_of_the_embedded_model_has_its_exact_logits(embedded_model):
         own = embedded_model(tokens)
         assert torch.equal(copy(input_ids=tokens).logits, own)
         torch.testing.assert_close(masked_logits(copy, tokens, causal_allowed(1, tokens.shape[1])), own, rtol=0, atol=1e-5)
+
+
+def test_cli_eval_resumes_finished_tasks_and_redoes_them_after_retraining(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tl_reversed, "load_model", lambda name=None, device=None: tiny)
+    common = ["--tasks", TASK, "--out", str(tmp_path)]
+    train_args = ["segments", "train", *common, "--steps", "2", "--batch-size", "4", "--n-train", "8"]
+    assert main(train_args) == 0
+    calls = []
+    real = sl.evaluate_segment_lora
+    monkeypatch.setattr(sl, "evaluate_segment_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from tl_reversed.commands.common import Checkpoint
+
+    monkeypatch.setattr(Checkpoint, "clear", lambda self: None)  # as if the run had been killed after the unit
+    assert main(["segments", "eval", *common, "--n-test", "4"]) == 0
+    first = pd.read_csv(tmp_path / "segments.csv")
+    assert main(["segments", "eval", *common, "--n-test", "4"]) == 0
+    assert len(calls) == 1  # the finished task was read back, not recomputed
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "segments.csv"), first)
+    assert main([*train_args[:-2], "--n-train", "6"]) == 0  # retrained: other settings
+    assert main(["segments", "eval", *common, "--n-test", "4"]) == 0
+    assert len(calls) == 2
+    assert (pd.read_csv(tmp_path / "segments.csv")["n_train"] == 6).all()

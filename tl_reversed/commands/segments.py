@@ -63,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         sub.add_argument("--seed", type=int, default=0, help="seed of the train/test split, LoRA init and batch order (default 0)")
         sub.add_argument("--out", default="out/segments", help="folder of the adapters and tables (default out/segments)")
         add_model_argument(sub)
-    train.add_argument("--steps", type=positive_int, default=100, help="optimizer steps per adapter (default 100)")
+    train.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per adapter (default 40)")
     train.add_argument("--batch-size", type=positive_int, default=8, help="prompts per step (default 8)")
     train.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 0.002)")
     train.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
@@ -135,14 +135,18 @@ def _train(args: argparse.Namespace, tasks: list[str], out: Path) -> int:
 def _evaluate(args: argparse.Namespace, tasks: list[str], out: Path) -> int:
     import pandas as pd
 
-    from tl_reversed.experiments.segment_lora import SegmentLoRA, evaluate_segment_lora, segment_examples
+    from tl_reversed.experiments.segment_lora import LoRARun, SegmentLoRA, evaluate_segment_lora, segment_examples
 
     missing = [str(adapter_folder(out, t, m)) for t in tasks for m in VARIANTS.values() if not (adapter_folder(out, t, m) / "adapter_config.json").is_file()]
     if missing:
         raise CommandError(f"no adapter in {missing[0]} ({len(missing)} missing): run `tl-reversed segments train` with the same --out and --tasks first")
-    checkpoint = Checkpoint(out, "segments_eval", {"model": args.model, "seed": args.seed, "n_test": args.n_test, "cross": args.cross})
-    model, frames, start = None, [], time.perf_counter()
+    settings = {"model": args.model, "seed": args.seed, "n_test": args.n_test, "cross": args.cross}
+    model, frames, start, checkpoints = None, [], time.perf_counter(), []
     for task in tasks:
+        # a unit is redone when its adapters were retrained: their settings are part of its key
+        trained = {mask: LoRARun.load(adapter_folder(out, task, mask) / "run.safetensors").settings for mask in VARIANTS.values()}
+        checkpoint = Checkpoint(out, f"segments_eval_{task}", {**settings, "adapters": trained})
+        checkpoints.append(checkpoint)
         saved = checkpoint.load(task)
         if saved is None:
             model = model or load_cli_model(args)
@@ -167,7 +171,8 @@ def _evaluate(args: argparse.Namespace, tasks: list[str], out: Path) -> int:
     from tl_reversed.views.segment_lora import plot_accuracy
 
     plot_accuracy(table).savefig(out / "segments.png", dpi=110, bbox_inches="tight")
-    checkpoint.clear()
+    for checkpoint in checkpoints:
+        checkpoint.clear()
     print(markdown)
     print(f"wrote {out}/segments.csv, segments.md, segments.png")
     return 0
