@@ -3,8 +3,10 @@
 Fine-tuning (LoRA through ``peft``, :mod:`tl_reversed.experiments.segment_lora`) does not
 run through the TransformerBridge: a bridge replaces the wrapped Hugging Face model's
 modules by its own components (``q_proj`` becomes a ``LinearBridge`` around the
-``nn.Linear``), so peft's default targets are not found there, and training in place
-would change the user's model. Instead :func:`hf_copy` builds a plain Hugging Face
+``nn.Linear``), so peft's default targets are not found there (peft refuses a
+``LinearBridge``; injected into the inner ``nn.Linear`` the adapter does reach the
+bridge's forward, checked on a tiny Llama), and training in place would change the user's
+model. Instead :func:`hf_copy` builds a plain Hugging Face
 model of the same class from the bridge's weights, as the bridge uses them (after
 compatibility mode's processing: norms folded, unembedding centred), and checks that
 it reproduces the bridge's logits exactly. The copy:
