@@ -205,6 +205,11 @@ def test_cli_train_eval_end_to_end(tiny, tmp_path, monkeypatch, capsys):
         expected = float(sl.segment_accuracy(tiny, test, row["mask"], adapted=adapted).float().mean())
         assert row["accuracy"] == pytest.approx(expected, abs=1e-4)
         assert row["n_test"] == 6 and row["n_train"] == 8
+    correct = {c: sl.segment_accuracy(tiny, test, c.split(" / ")[1], adapted=sl.SegmentLoRA.load(tiny, tmp_path / "segments" / "adapters" / f"{TASK}-{c.split(' / ')[1]}"))
+               for c in ("MAS-LoRA / segments", "causal-LoRA / causal")}  # fmt: skip
+    only_mas = int((correct["MAS-LoRA / segments"] & ~correct["causal-LoRA / causal"]).sum())
+    only_causal = int((correct["causal-LoRA / causal"] & ~correct["MAS-LoRA / segments"]).sum())
+    assert (table["mas_only"] == only_mas).all() and (table["causal_only"] == only_causal).all()
     train_table = pd.read_csv(tmp_path / "segments" / "train.csv")
     assert list(train_table["steps"]) == [3, 3]
     assert (tmp_path / "segments" / "segments.md").read_text().count("| choose_middle_of_3 | 8 / 6 |") == 1

@@ -157,7 +157,8 @@ def _evaluate(args: argparse.Namespace, tasks: list[str], out: Path) -> int:
             del adapters
         else:
             result = saved[0]["comparison"]
-        frames.append(result.to_dataframe())
+        mas_only, causal_only = result.paired()  # test examples only MAS-LoRA / only causal-LoRA gets right
+        frames.append(result.to_dataframe().assign(mas_only=mas_only, causal_only=causal_only))
     table = pd.concat(frames, ignore_index=True)
     table.to_csv(out / "segments.csv", index=False, float_format="%.4f")
     markdown = segments_markdown(table)
@@ -179,14 +180,15 @@ def _evaluate(args: argparse.Namespace, tasks: list[str], out: Path) -> int:
 
 
 def segments_markdown(table) -> str:
-    """Tasks as rows: sizes, base (causal, segments), causal-LoRA, MAS-LoRA, training minutes."""
+    """Tasks as rows: sizes, base (causal, segments), causal-LoRA, MAS-LoRA, the paired counts, training minutes."""
     conditions = list(dict.fromkeys(table["model"] + " / " + table["mask"]))
-    header = ["task", "train / test", *conditions, "train min (causal / MAS)"]
+    header = ["task", "train / test", *conditions, "only MAS / only causal right", "train min (causal / MAS)"]
     rows = []
     for task, part in table.groupby("task", sort=False):
         acc = dict(zip(part["model"] + " / " + part["mask"], part["accuracy"]))
         minutes = dict(zip(part["model"], part["train_seconds"] / 60))
         first = part.iloc[0]
-        rows.append([task, f"{int(first['n_train'])} / {int(first['n_test'])}", *(f"{acc[c]:.2f}" for c in conditions),
+        paired = f"{int(first['mas_only'])} / {int(first['causal_only'])}"
+        rows.append([task, f"{int(first['n_train'])} / {int(first['n_test'])}", *(f"{acc[c]:.2f}" for c in conditions), paired,
                      f"{minutes.get('causal-LoRA', float('nan')):.1f} / {minutes.get('MAS-LoRA', float('nan')):.1f}"])  # fmt: skip
     return markdown_table(header, rows)

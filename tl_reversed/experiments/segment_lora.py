@@ -392,6 +392,11 @@ class SegmentLoRAComparison(Result):
     def accuracy(self) -> dict[str, float]:
         return {c: float(row.float().mean()) for c, row in zip(self.conditions, self.correct)}
 
+    def paired(self, a: str = "MAS-LoRA / segments", b: str = "causal-LoRA / causal") -> tuple[int, int]:
+        """On the same test examples: how many only ``a`` gets right, and how many only ``b``."""
+        right_a, right_b = (self.correct[self.conditions.index(c)] for c in (a, b))
+        return int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+
     def to_dataframe(self) -> pd.DataFrame:
         """One row per condition: ``task, model, mask, accuracy, n_test, n_train, train_seconds, final_loss``."""
         rows = []
