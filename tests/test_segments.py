@@ -13,7 +13,7 @@ import tl_reversed
 from conftest import LEGACY, make_tiny
 from tl_reversed.core.segment_generation import SegmentGeneration, generate
 from tl_reversed.core.segments import (
-    PAD_ID, prefill_mask, segment_attention, segment_ids, tokenize_batch, tokenize_pieces,
+    PAD_ID, chat_pieces, prefill_mask, segment_attention, segment_ids, tokenize_batch, tokenize_pieces,
 )  # fmt: skip
 from tl_reversed.core.architecture import describe
 from tl_reversed.core.state import hook_count
@@ -383,6 +383,8 @@ def test_ra_under_the_mask_records_the_segments_and_refuses_the_bounded_path(tmp
         n = int(alone.lengths[0])
         torch.testing.assert_close(batched.maps[i, ..., :n, :n], alone.maps[0, ..., :n, :n], atol=1e-6, rtol=0)
     assert batched.segments[1].tolist()[: int(lengths[1])] == ids[1, : int(lengths[1])].tolist()
+    rows = tl_reversed.reversed_attention(model, tokens, [" ok", " no"], segments=ids, query_positions=[2, 5], path="auto")
+    torch.testing.assert_close(rows.maps[:, :, :, :, :13], batched.maps[:, :, :, [2, 5], :13], atol=1e-6, rtol=0)
     back = type(batched).load(batched.save(tmp_path / "ra.safetensors"))
     assert torch.equal(back.segments, batched.segments)
     with pytest.raises(ValueError, match=r"path='bounded' does not run under a segment mask: use path='standard'"):
@@ -391,6 +393,7 @@ def test_ra_under_the_mask_records_the_segments_and_refuses_the_bounded_path(tmp
         tl_reversed.reversed_attention(model, prompts[0][None], [" ok"], segments=ids[0, :5])
 
 
+@pytest.mark.bridge  # the views alone: one model class is enough
 def test_plots_and_page_of_ra_under_the_mask_show_the_segments():
     model = make_tiny("llama")
     tokens, ids = tokenize_pieces(model, ["Be kind.", " Why"])  # segment 1 starts at 9, the prompt ends at 13
@@ -411,3 +414,32 @@ def test_plots_and_page_of_ra_under_the_mask_show_the_segments():
     assert page.count("border-left: 3px solid") == 2
     causal = tl_reversed.reversed_attention(model, tokens[None], [" ok"])
     assert '"maskUpperTri":true' in causal.to_html(heads=[(0, 1)]) and not plot_head(causal, 0, 1).axes[1].get_lines()
+
+
+@pytest.mark.skipif(not LEGACY, reason="HookedTransformer exists only in TransformerLens 3.x: make test-legacy runs this")
+def test_a_hooked_transformer_with_alibi_gets_a_clear_error():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_vocab=99,
+                                  act_fn="gelu", positional_embedding_type="alibi")  # fmt: skip
+    model = HookedTransformer(cfg)
+    with pytest.raises(TypeError, match="segment masks are not supported on a HookedTransformer with ALiBi or log-n"):
+        with segment_attention(model, torch.zeros(3, dtype=torch.long)):
+            pass
+    assert hook_count(model) == 0
+
+
+def test_chat_pieces_cut_a_chat_template_at_the_turns():
+    model = make_tiny("llama")  # a fresh model: its tokenizer's template is set here only
+    model.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    messages = [{"role": "s", "content": "Be kind."}, {"role": "u", "content": "Hi?"}]
+    assert chat_pieces(model, messages) == ["<s>Be kind.\n", "<u>Hi?\n<a>"]
+    assert chat_pieces(model, messages, add_generation_prompt=False) == ["<s>Be kind.\n", "<u>Hi?\n"]
+    model.tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match=r"the chat template renders turns 0..0 as text that does not start turns 0..1"):
+        chat_pieces(model, messages)
+    model.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="this model's tokenizer has no chat template: give the pieces yourself"):
+        chat_pieces(model, messages)

@@ -18,6 +18,7 @@ and :mod:`tl_reversed.core.segment_generation` (``generate``).
 from tl_reversed.core.segment_generation import SegmentGeneration, generate
 from tl_reversed.core.segments import (
     PAD_ID,
+    chat_pieces,
     prefill_mask,
     segment_attention,
     segment_ids,
@@ -28,6 +29,7 @@ from tl_reversed.core.segments import (
 __all__ = [
     "PAD_ID",
     "SegmentGeneration",
+    "chat_pieces",
     "generate",
     "prefill_mask",
     "segment_attention",

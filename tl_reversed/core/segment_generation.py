@@ -4,8 +4,13 @@
 then decodes greedily inside :func:`tl_reversed.core.segments.segment_attention`: the
 prompt attends segment by segment, every generated token causally (it sees the whole
 prompt and the tokens generated before it). Each step recomputes the whole sequence
-under the mask (no key-value cache), so a step's logits are exactly those of one pass
-over the final sequence.
+under the mask, so a step's logits are exactly those of one pass over the final sequence.
+
+No key-value cache: on TransformerLens 4.3 the bridge's manual cache
+(``return_type="logits_and_cache"``, then ``past_key_values=``) did not reproduce a full
+recompute for the bridge's own attention even without a segment mask (tiny float64
+Llama, GPT-2 and Gemma 3: next-token logits off by 0.16 to 0.57; OPT and GPT-J, whose
+attention Hugging Face runs, agreed to 1e-10), so correctness comes first here.
 """
 
 from __future__ import annotations

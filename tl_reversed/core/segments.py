@@ -88,6 +88,38 @@ def tokenize_pieces(
     return tokens, segment_ids(lengths).to(tokens.device)
 
 
+def chat_pieces(model: object, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[str]:
+    """Prompt pieces from a chat: one piece per turn, rendered by the tokenizer's chat template.
+
+    Piece ``k`` is the text the template adds for ``messages[k]`` (rendering the first
+    ``k + 1`` turns minus rendering the first ``k``); the generation prompt (e.g.
+    ``"<|im_start|>assistant\\n"``) joins the last piece. Templates usually start with the
+    BOS text themselves: tokenize the pieces with ``tokenize_pieces(..., prepend_bos=False)``.
+
+    Raises:
+        ValueError: no turns, no chat template, or a template whose rendering of fewer turns
+            is not the start of its rendering of more (the turns cannot be cut apart).
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if not messages:
+        raise ValueError("messages is empty: give the chat turns, e.g. [{'role': 'system', 'content': ...}, ...]")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("this model's tokenizer has no chat template: give the pieces yourself")
+    texts = [""] + [
+        tokenizer.apply_chat_template(  # type: ignore[union-attr]
+            list(messages[: k + 1]), tokenize=False, add_generation_prompt=add_generation_prompt and k == len(messages) - 1
+        )
+        for k in range(len(messages))
+    ]
+    for k in range(1, len(texts)):
+        if not texts[k].startswith(texts[k - 1]):
+            raise ValueError(
+                f"the chat template renders turns 0..{k - 2} as text that does not start turns 0..{k - 1}: "
+                "the turns cannot be cut into pieces; give the pieces yourself"
+            )
+    return [texts[k][len(texts[k - 1]) :] for k in range(1, len(texts))]
+
+
 def tokenize_batch(
     model: object, prompts: Sequence[Sequence[str]], prepend_bos: bool = True
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
@@ -215,7 +247,10 @@ def _kwarg_hook(source: Callable[[], Tensor]):
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if len(args) > 1 or not isinstance(hidden, Tensor):
-            raise TypeError(f"{type(module).__name__} was called without hidden_states first and the mask by keyword")
+            raise TypeError(
+                f"segment_attention needs {type(module).__name__} called with hidden_states first and attention_mask "
+                f"by keyword; it got {len(args)} positional arguments: this architecture is not supported"
+            )
         own = kwargs.get("attention_mask")
         n_key = own.shape[-1] if isinstance(own, Tensor) and own.ndim == 4 else hidden.shape[1]
         position = kwargs.get("cache_position")
