@@ -146,6 +146,8 @@ def test_adapters_save_and_load_to_identical_logits(tiny, train, tmp_path):
     assert (loaded.run.task, loaded.mask, loaded.run.settings) == (TASK, "segments", lora.run.settings)
     with pytest.raises(FileNotFoundError, match="holds no adapter"):
         sl.SegmentLoRA.load(tiny, tmp_path)
+    with pytest.raises(ValueError, match="was trained on another model"):
+        sl.SegmentLoRA.load(make_tiny("llama", seed=7), tmp_path / "adapter")
 
 
 def test_the_users_model_is_left_as_found_also_after_an_error(tiny, train):

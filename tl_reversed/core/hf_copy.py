@@ -87,6 +87,15 @@ def masked_logits(hf_model, tokens: Int[Tensor, "batch pos"], allowed: Bool[Tens
     return hf_model(input_ids=tokens, attention_mask=additive_mask(allowed.to(tokens.device), dtype)).logits
 
 
+def fingerprint(hf_model) -> list[float]:
+    """Eight logits of the (unadapted) model on fixed tokens: which base model an adapter belongs to."""
+    device = next(hf_model.parameters()).device
+    tokens = torch.arange(4, device=device)[None] % int(hf_model.config.vocab_size)
+    body = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
+    with torch.no_grad():
+        return body(input_ids=tokens).logits[0, -1, :8].double().cpu().tolist()
+
+
 def _clean_state(model) -> dict[str, Tensor]:
     """The wrapped model's weights under plain Hugging Face names (bridge aliases dropped later)."""
     state = {}

@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_reversed.core.hf_copy import additive_mask, attention_projections, hf_copy, masked_logits
+from tl_reversed.core.hf_copy import additive_mask, attention_projections, fingerprint, hf_copy, masked_logits
 from tl_reversed.core.results import Result
 from tl_reversed.core.segments import PAD_ID, prefill_mask, tokenize_pieces
 from tl_reversed.experiments.task_data import load_task, train_test_split
@@ -208,10 +208,18 @@ class SegmentLoRA:
         folder = Path(folder)
         if not (folder / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{folder} holds no adapter (adapter_config.json): train one with train_segment_lora(...).save(folder)")
+        run = LoRARun.load(folder / "run.safetensors")
+        base = hf_copy(model)
+        expected = run.settings.get("base_logits")
+        if expected is not None and not torch.allclose(torch.tensor(fingerprint(base)), torch.tensor(expected), rtol=1e-4, atol=1e-4):
+            raise ValueError(
+                f"the adapter in {folder} was trained on another model (or one loaded differently): its base logits "
+                "differ from this model's; load it onto the model it was trained from"
+            )
         with _quiet_peft():
-            hf_model = PeftModel.from_pretrained(hf_copy(model), folder).eval()
+            hf_model = PeftModel.from_pretrained(base, folder).eval()
         hf_model.requires_grad_(False)
-        return cls(hf_model, LoRARun.load(folder / "run.safetensors"))
+        return cls(hf_model, run)
 
     def to_dataframe(self) -> pd.DataFrame:
         return self.run.to_dataframe()
@@ -296,6 +304,7 @@ def train_segment_lora(
     if steps < 1 or batch_size < 1 or not examples:
         raise ValueError(f"need steps >= 1, batch_size >= 1 and examples; got {steps}, {batch_size}, {len(examples)} examples")
     base = hf_copy(model)
+    base_logits = fingerprint(base)
     targets = tuple(targets) if targets is not None else attention_projections(base)
     adapted = add_lora(base, rank=rank, alpha=alpha, seed=seed, targets=targets)
     params = [p for p in adapted.parameters() if p.requires_grad]
@@ -312,7 +321,8 @@ def train_segment_lora(
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     adapted.eval().requires_grad_(False)
-    settings = dict(steps=steps, batch_size=batch_size, lr=lr, rank=rank, alpha=alpha, seed=seed, targets=targets, n_train=len(examples))
+    settings = dict(steps=steps, batch_size=batch_size, lr=lr, rank=rank, alpha=alpha, seed=seed, targets=targets,
+                    n_train=len(examples), base_logits=base_logits)  # fmt: skip
     run = LoRARun(task, mask, torch.tensor(losses), time.perf_counter() - start, settings)
     return SegmentLoRA(adapted, run)
 
