@@ -183,15 +183,16 @@ class ReversedAttention(Result):
         dominant row are the keys the step attends to more ("up"), the most positive the
         keys it attends to less ("down"). Entries smaller than ``min_share`` times the
         row's largest magnitude are left out (noise, not a push). With ``query_positions``
-        the dominant row is chosen among the kept rows.
+        the dominant row is chosen among the kept rows. Under a segment mask the keys after
+        the query that its segment allows count like the ones before it.
         """
         ra = self.head(layer, head, example)
         tokens = self.str_tokens[self._example(example)]
         positions = self.rows(example)
         index = int(ra.norm(dim=-1).argmax())
         row = positions[index]
-        values = ra[index, : row + 1]
-        k = min(k, row + 1)
+        values = ra[index]  # the whole row: a segment mask lets a query see later keys of its segment
+        k = min(k, values.numel())  # keys the mask hides are exactly 0, below any floor
         up = values.argsort()[:k].tolist()
         down = values.argsort(descending=True)[:k].tolist()
         floor = min_share * float(values.abs().max())
