@@ -79,6 +79,21 @@ def test_lora_starts_as_a_no_op(tiny):
         assert torch.equal(masked_logits(adapted, tokens, allowed), base)
 
 
+def test_add_lora_seeds_its_own_adapters_and_leaves_every_global_generator_alone(tiny, monkeypatch):
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)  # what torch.manual_seed would call
+    state = torch.get_rng_state()
+    first, again, other = (sl.add_lora(hf_copy(tiny), rank=4, seed=seed) for seed in (3, 3, 4))
+    assert torch.equal(torch.get_rng_state(), state) and reseeded == []
+
+    def lora_a(model):
+        return [p for n, p in model.named_parameters() if "lora_A" in n]
+
+    assert len(lora_a(first)) > 0
+    assert all(torch.equal(a, b) for a, b in zip(lora_a(first), lora_a(again)))
+    assert not any(torch.equal(a, b) for a, b in zip(lora_a(first), lora_a(other)))
+
+
 @pytest.fixture(scope="module")
 def sharp():
     """A tiny model whose unembedding is 20x larger: the random one's logits span well under one nat,

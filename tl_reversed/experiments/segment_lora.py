@@ -259,8 +259,8 @@ def add_lora(hf_model, *, rank: int = 8, alpha: float = 16.0, seed: int = 0, tar
 
     targets = tuple(targets) if targets is not None else attention_projections(hf_model)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
-    with torch.random.fork_rng(devices=[]), _quiet_peft():
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]), _quiet_peft():  # peft initialises on the CPU, then moves
+        torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds every CUDA device too
         try:
             return get_peft_model(hf_model, config)
         except ValueError as error:
