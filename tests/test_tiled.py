@@ -197,6 +197,24 @@ def test_bounded_pass_never_holds_a_layers_attention_pattern(arch, monkeypatch):
 
 
 @pytest.mark.bridge
+def test_a_model_left_in_training_mode_with_attention_dropout_still_runs_in_tiles(monkeypatch):
+    """The pass runs in eval mode (dropout off), so a model in train() takes the tiles too, and stays in train()."""
+    model = make_tiny("llama")
+    for block in model.blocks:
+        block.attn.original_component.attention_dropout = 0.5
+    tokens = model.to_tokens(PROMPTS[0]).shape[1] + 3
+    monkeypatch.setattr(rows, "TILE_ELEMENTS", 7 * describe(model).n_heads * tokens)
+    evaluated = tl_reversed.reversed_attention(model, PROMPTS[0], " dog", keep="norms", path="bounded")
+    model.train()
+    assert tiled_unsupported(model) == "layer 0: it is in training mode with attention dropout"
+    probe, _ = _probe(model, "bounded", tokens)
+    assert [s for s in probe.squares if s[1] != 1] == [] and probe.tile_rows == {7, tokens % 7}
+    assert all(m.training for m in model.modules()) and model.blocks[0].attn.original_component.training
+    trained = tl_reversed.reversed_attention(model, PROMPTS[0], " dog", keep="norms", path="bounded")
+    torch.testing.assert_close(trained.norms, evaluated.norms, atol=0, rtol=0)  # no dropout in the pass
+
+
+@pytest.mark.bridge
 def test_bounded_pass_equals_standard_with_soft_capping_and_global_layers():
     """Gemma 3 with 6 layers (5 sliding-window, then a global one) and a soft cap on the scores."""
     model = make_tiny("gemma3", n_layers=6)

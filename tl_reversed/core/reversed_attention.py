@@ -35,6 +35,7 @@ from tl_reversed.core.results import Result
 from tl_reversed.core.paths import pass_for, resolve_path
 from tl_reversed.core.rows import QueryPositions, TileReducer, query_rows, reduce_layer
 from tl_reversed.core.segments import SegmentSink, masked_by, prompt_ids, run_ids, unpad
+from tl_reversed.core.state import untouched
 
 
 def ra_from_parts(
@@ -456,14 +457,15 @@ def reversed_attention(
         result.segments = prompt_ids(segments, batch).cpu()
         return result
     # the bounded path keeps one layer's activations at a time: the standard estimate does not apply
-    tiled = tiled_unsupported(model) is None
-    if tiled:
-        refuse_whole_pattern_hooks(model, extra_hooks)
-    tiles: dict[int, TileReducer] = {}
-    with pass_for(model, "bounded") as gate, tiled_attention_on(model, tiles) if tiled else nullcontext():
-        sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=gate, tiles=tiles if tiled else None)
-        run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
-            progress=progress, desc="reversed attention")  # fmt: skip
+    with untouched(model):  # the pass runs in eval mode: decide the tiles in eval terms (no attention dropout)
+        tiled = tiled_unsupported(model) is None
+        if tiled:
+            refuse_whole_pattern_hooks(model, extra_hooks)
+        tiles: dict[int, TileReducer] = {}
+        with pass_for(model, "bounded") as gate, tiled_attention_on(model, tiles) if tiled else nullcontext():
+            sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=gate, tiles=tiles if tiled else None)
+            run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+                progress=progress, desc="reversed attention")  # fmt: skip
     return sink.finish()
 
 
