@@ -202,6 +202,31 @@ def test_clear_errors(tiny):
         hf_copy(torch.nn.Linear(2, 2))
 
 
+def test_a_missing_peft_is_a_clear_import_error_before_any_work(tiny, train, monkeypatch, capsys, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # what an environment without peft gives: import raises ImportError
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work began before peft was found missing")
+
+    monkeypatch.setattr(sl, "hf_copy", no_work)
+    monkeypatch.setattr(sl, "check_mask", no_work)
+    monkeypatch.setattr(tl_reversed, "load_model", no_work)
+    message = r'LoRA under segment masks needs peft: pip install "tl_reversed\[segments\]"'
+    with pytest.raises(ImportError, match=message):
+        sl.train_segment_lora(tiny, train, steps=1)
+    with pytest.raises(ImportError, match=message):
+        sl.add_lora(torch.nn.Linear(2, 2))
+    with pytest.raises(ImportError, match=message):
+        sl.SegmentLoRA.load(tiny, tmp_path)
+    out = tmp_path / "segments"
+    assert main(["segments", "train", "--tasks", TASK, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == 'tl-reversed segments: error: LoRA under segment masks needs peft: pip install "tl_reversed[segments]"\n'
+    assert not out.exists()
+
+
 def test_cli_train_eval_end_to_end(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tl_reversed, "load_model", lambda name=None, device=None: tiny)
     out = str(tmp_path / "segments")
