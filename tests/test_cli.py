@@ -239,3 +239,21 @@ def test_accuracy_table_is_each_prompt_run_alone(capsys, embedded_cli, tmp_path)
         assert row.n == len(examples) == 6
         assert row.accuracy == pytest.approx(sum(hits) / len(hits), abs=1e-4)
     assert "| capitalize |" in (tmp_path / "accuracy.md").read_text()
+
+
+@pytest.mark.embedded
+def test_sparsity_table_is_the_summary_of_the_maps(embedded_cli, tmp_path):
+    import pandas as pd
+
+    from tl_reversed.experiments.sparsity import sparsity
+    from tl_reversed.experiments.tasks import make_examples
+
+    assert main(["sparsity", "--task", "capitalize", "--shots", "1", "--n", "3", "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / "sparsity.csv")
+    examples = make_examples("capitalize", shots=1, n=3, split="test", model=embedded_cli)
+    expected = sparsity(tl_reversed.reversed_attention(embedded_cli, examples.prompts, examples.targets)).summary()
+    assert table.measure.tolist() == ["top_mass", "hoyer"] and table.n.tolist() == [3, 3]
+    assert table.pairs.tolist() == expected.pairs.tolist() == [3 * 30 * 9] * 2
+    assert table.ra_sparser_pairs.tolist() == expected.ra_sparser_pairs.tolist()
+    assert table.ra_mean.tolist() == pytest.approx(expected.ra_mean.tolist(), abs=1e-4)
+    assert "| capitalize | 1 | 3 | hoyer |" in (tmp_path / "sparsity.md").read_text()

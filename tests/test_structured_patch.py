@@ -213,11 +213,73 @@ def test_patching_table_and_plot_with_steps_auto():
     table = pd.DataFrame([{"shots": 1, "length": 16, "n_train": 12, "n_test": 30, "original": 0.1, "fa": 0.1, "ra": 0.5,
                            "fa_best_lr": 1.0, "fa_best": 0.2, "ra_best_lr": -10.0, "ra_best": 0.9, "iterative_lr": -10.0,
                            "iterative_steps": "auto", "iterative_chosen_step": 6, "iterative": 1.0, "iterative_best": 1.0,
-                           "n_test_all": 30, "all_original": 0.1, "structured": 0.97}])  # fmt: skip
+                           "n_test_all": 30, "all_original": 0.1, "structured": 0.97, "structured_top0.01": 0.1,
+                           "structured_top0.05": 0.2, "structured_top0.1": 0.5, "structured_top0.25": 0.9}])  # fmt: skip
     args = argparse.Namespace(lr_fa=1.0, lr_ra=-30.0, iter_lr=-10.0, steps="auto")
     markdown = patching_markdown(table, args)
     assert "iterative RA (lr -10, auto steps; chosen step; best step)" in markdown and "| 1.00 (step 6; 1.00) |" in markdown
-    assert "| 0.97 (0.10; 30) |" in markdown
+    assert "| 0.97 (0.10; 30) | 0.10 / 0.20 / 0.50 / 0.90 |" in markdown
     sweeps = pd.DataFrame([{"shots": 1, "source": s, "lr": lr, "accuracy": 0.5} for s in ("ra", "fa") for lr in (-10.0, 1.0)])
     fig = plot_sweeps(table, sweeps, pd.DataFrame(), "capitalize")
     assert "iterative RA (step 6, lr -10) (1.00)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+@pytest.mark.embedded
+def test_patching_save_reports_the_structured_and_sparse_accuracies(embedded_model, tmp_path):
+    import argparse
+
+    from tl_reversed.commands.patching import SPARSE_FRACTIONS, _save_structured
+    from tl_reversed.experiments.structured_patch import structured_accuracy
+    from tl_reversed.experiments.tasks import make_examples
+
+    args = argparse.Namespace(n_train=4, n_test=6, lr_ra=-30.0, batch_size=4, template=0, shots=[1],
+                              save=str(tmp_path / "p.safetensors"), iterative=True, iter_lr=-10.0, steps=2,
+                              max_steps=10, tol=1e-3)  # fmt: skip
+    common = dict(shots=1, seed=0, model=embedded_model, template=0)
+    row = _save_structured(embedded_model, "capitalize", 1, common, args)
+    patch = StructuredPatch.load(tmp_path / "p.safetensors")
+    test = make_examples("capitalize", split="test", n=6, **common)
+    assert row["n_test_all"] == len(test) == 6
+    assert row["all_original"] == pytest.approx(float(structured_accuracy(embedded_model, None, test).mean()))
+    assert row["structured"] == pytest.approx(float(structured_accuracy(embedded_model, patch, test).mean()))
+    for k in SPARSE_FRACTIONS[:-1]:
+        expected = float(structured_accuracy(embedded_model, patch, test, top_k=k).mean())
+        assert row[f"structured_top{k:g}"] == pytest.approx(expected)
+    assert patch.n_examples == 4 and patch.lr == -30.0
+    from tl_reversed.experiments.iterative_structured import iterative_structured
+
+    train = make_examples("capitalize", split="train", n=4, **common)
+    it = iterative_structured(embedded_model, train, test, lr=-10.0, steps=2, batch_size=4, progress=False)
+    assert row["structured_iterative_step"] == it.chosen_step == 2
+    assert (row["structured_iterative"], row["structured_iterative_best"]) == (it.accuracy[2], max(it.accuracy))
+
+
+def test_iterative_structured_on_one_length_is_iterative_patching(model, tmp_path):
+    from tl_reversed.experiments.iterative_structured import IterativeStructured, iterative_structured
+
+    train = examples(WORDS[:4])
+    prompts = examples(WORDS[4:])[0]
+    test = (prompts, [model.to_string(i) for i in last_logits(model, prompts, []).argmax(-1)])
+    same = iterative_patching(model, train, test, lr=-300.0, steps=3, progress=False)
+    structured = iterative_structured(model, train, test, lr=-300.0, steps=3, progress=False)
+    assert structured.accuracy == same.accuracy and structured.accuracy[0] == 1.0 and min(same.accuracy) < 1.0
+    assert structured.train_loss == pytest.approx(same.train_loss, rel=1e-5)
+    assert structured.chosen_step == 3 and structured.patch.lr == 1.0
+    torch.testing.assert_close(structured.patch.dense(model, prompts[0]), same.patch.tril(), atol=1e-5, rtol=1e-5)
+    # the patched logits agree on a prompt of the training length, and the patch applies to other lengths too
+    torch.testing.assert_close(last_logits(model, prompts, structured.patch.hooks(model, prompts)),
+                               last_logits(model, prompts, attention_patch_hooks(model, same.patch, 1.0)), atol=1e-4, rtol=1e-4)  # fmt: skip
+    other = examples(LONG)[0]
+    assert not torch.equal(last_logits(model, other, structured.patch.hooks(model, other)), last_logits(model, other, []))
+    # auto: the choice reads the training prompts only; the result round-trips
+    garbage = (prompts, ["z", "q"])
+    a = iterative_structured(model, examples(LONG), test, lr=-300.0, max_steps=6, tol=0.01, progress=False)
+    b = iterative_structured(model, examples(LONG), garbage, lr=-300.0, max_steps=6, tol=0.01, progress=False)
+    assert a.accuracy != b.accuracy and a.chosen_step == b.chosen_step and a.train_loss == b.train_loss
+    assert 0 < a.chosen_step < 6 and a.train_loss[a.chosen_step] == min(a.train_loss)
+    assert list(a.to_dataframe().columns) == ["step", "lr", "accuracy", "train_loss"]
+    loaded = IterativeStructured.load(a.save(tmp_path / "it.safetensors"))
+    assert loaded.accuracy == a.accuracy and loaded.chosen_step == a.chosen_step
+    assert torch.equal(loaded.patch.maps, a.patch.maps) and loaded.patch.cells == a.patch.cells
+    with pytest.raises(ValueError, match="steps"):
+        iterative_structured(model, train, test, steps=0)

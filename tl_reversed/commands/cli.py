@@ -14,7 +14,7 @@ import sys
 from tl_reversed import __version__
 from tl_reversed.commands.common import CommandError
 
-COMMANDS = ("heads", "demo", "lens", "graph", "perturbation", "patching", "apply-patch", "tasks", "accuracy")
+COMMANDS = ("heads", "demo", "lens", "graph", "perturbation", "patching", "apply-patch", "tasks", "accuracy", "sparsity")
 """Subcommands; each module (the name with ``_`` for ``-``) has ``add_parser(subparsers)`` and ``run(args) -> int``."""
 
 

@@ -200,11 +200,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+SPARSE_FRACTIONS = (0.01, 0.05, 0.10, 0.25, 1.0)
+"""With ``--save``: the structured patch is also tested on only the top k heads by its norm."""
+
+
 def _save_structured(model, task: str, shots: int, common: dict, args: argparse.Namespace) -> dict:
-    """Learn the structured RA patch on training prompts of every length, save it, test it on every length."""
+    """Learn the structured RA patch on training prompts of every length, save it, test it on every length.
+
+    Also tests the patch on only its top 1%, 5%, 10% and 25% of heads (by the patch's norm;
+    columns ``structured_top0.01`` ...): how few heads carry the task; and with
+    ``--iterative``, iterative structured patching with the same steps rule (columns
+    ``structured_iterative``, its chosen step and its best step's accuracy).
+    """
     from pathlib import Path
 
-    from tl_reversed.experiments.structured_patch import structured_accuracy, structured_maps
+    from tl_reversed.experiments.iterative_structured import iterative_structured
+    from tl_reversed.experiments.structured_patch import sparse_patching, structured_maps
     from tl_reversed.experiments.tasks import load_task, make_examples
 
     task_info = load_task(task)
@@ -217,11 +228,19 @@ def _save_structured(model, task: str, shots: int, common: dict, args: argparse.
         path = path.with_name(f"{path.stem}_{shots}shot{path.suffix or '.safetensors'}")
     patch.save(path)
     print(f"saved the structured {shots}-shot patch to {path}")
-    return {
+    sparse = sparse_patching(model, patch, test, SPARSE_FRACTIONS, batch_size=args.batch_size)
+    row = {
         "n_test_all": len(test),
-        "all_original": float(structured_accuracy(model, None, test, batch_size=args.batch_size).mean()),
-        "structured": float(structured_accuracy(model, patch, test, batch_size=args.batch_size).mean()),
+        "all_original": sparse.original,
+        "structured": sparse.accuracy[-1],
+        **{f"structured_top{k:g}": acc for k, acc in zip(SPARSE_FRACTIONS[:-1], sparse.accuracy)},
     }
+    if getattr(args, "iterative", False):
+        it = iterative_structured(model, train, test, lr=args.iter_lr, steps=args.steps, max_steps=args.max_steps,
+                                  tol=args.tol, template=template, batch_size=args.batch_size)  # fmt: skip
+        row.update(structured_iterative=it.accuracy[it.chosen_step], structured_iterative_step=it.chosen_step,
+                   structured_iterative_best=max(it.accuracy))  # fmt: skip
+    return row
 
 
 def _patching_unit(model, part: str, train, test, lrs: list[float], args: argparse.Namespace):
@@ -242,6 +261,9 @@ def patching_markdown(table, args: argparse.Namespace) -> str:
         header.append(f"iterative RA (lr {args.iter_lr:+g}, {args.steps} steps; chosen step; best step)")
     if "structured" in table:
         header.append("structured RA, every length (original; n test)")
+        header.append("structured, top 1% / 5% / 10% / 25% of heads")
+    if "structured_iterative" in table:
+        header.append(f"iterative structured RA, every length (lr {args.iter_lr:+g}, {args.steps} steps; chosen step; best step)")
     rows = []
     for _, r in table.iterrows():
         row = [
@@ -258,6 +280,10 @@ def patching_markdown(table, args: argparse.Namespace) -> str:
             row.append(f"{r['iterative']:.2f} (step {int(r['iterative_chosen_step'])}; {r['iterative_best']:.2f})")
         if "structured" in table:
             row.append(f"{r['structured']:.2f} ({r['all_original']:.2f}; {int(r['n_test_all'])})")
+            row.append(" / ".join(f"{r[f'structured_top{k:g}']:.2f}" for k in SPARSE_FRACTIONS[:-1]))
+        if "structured_iterative" in table:
+            row.append(f"{r['structured_iterative']:.2f} (step {int(r['structured_iterative_step'])}; "
+                       f"{r['structured_iterative_best']:.2f})")  # fmt: skip
         rows.append(row)
     return markdown_table(header, rows)
 

@@ -316,7 +316,7 @@ def iterative_patching(
         current = patch_hooks(spec, device, patch, 1.0) if bool(patch.any()) else []
         maps = mean_maps(model, spec, train_batch, "ra", batch_size, False, current)
         losses.append(maps.loss)
-        if auto and step > 0 and _plateau(losses, tol, threshold):
+        if auto and step > 0 and plateau(losses, tol, threshold):
             stopped = True
             break
         patch = patch + float(lr) * maps.maps
@@ -338,7 +338,7 @@ def iterative_patching(
     )
 
 
-def _plateau(losses: Sequence[float], tol: float, threshold: float) -> bool:
+def plateau(losses: Sequence[float], tol: float, threshold: float) -> bool:
     """Whether the last training loss reached ``threshold`` or improved on the best before it by less than ``tol`` (relative)."""
     best = min(losses[:-1])
     return losses[-1] <= threshold or losses[-1] > best - tol * abs(best)

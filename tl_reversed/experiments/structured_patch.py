@@ -257,6 +257,7 @@ def structured_maps(
     *,
     lr: float | None = None,
     template: str | None = None,
+    under: StructuredPatch | None = None,
     batch_size: int | None = 16,
     progress: bool | None = None,
 ) -> StructuredPatch:
@@ -268,6 +269,8 @@ def structured_maps(
         source: ``"ra"`` or ``"fa"``.
         lr: the patch's default factor (default: the paper's, -30 for RA, +1 for forward attention).
         template: the relation template of the prompts (``None``: the ICL format).
+        under: compute the maps with this patch applied (at its own ``lr``), as a step of
+            iterative patching does: RA is then the gradient of the patched model.
         batch_size, progress: as for :func:`~tl_reversed.experiments.patch_hooks.average_maps`.
     """
     check_option("source", source, SOURCES)
@@ -284,7 +287,11 @@ def structured_maps(
     index = {c: i for i, c in enumerate(cells)}
     ids = [torch.tensor([index[c] for c in row]) for row in per_prompt]
     sink = _CellMaps(model, spec, source, ids, len(cells))
-    run(model, batch, [sink], metric=sink.metric, batch_size=batch_size, progress=progress, desc=f"structured {source.upper()}")
+    sinks: list = [sink]
+    if under is not None:
+        under.check_model(spec)
+        sinks.insert(0, _RowPatch(under, spec, under.cell_ids(model, batch.prompts), under.lr, None, model_device(model)))
+    run(model, batch, sinks, metric=sink.metric, batch_size=batch_size, progress=progress, desc=f"structured {source.upper()}")
     maps = (sink.total / sink.counts.clamp(min=1)).float()
     return StructuredPatch(
         maps=maps, counts=sink.counts.float(), cells=cells, source=source,
