@@ -54,7 +54,7 @@ test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-legacy: $(LEGACY)/.installed
-	TL_REVERSED_LEGACY=1 $(LEGACY)/bin/python -m pytest tests/test_core.py tests/test_flow_graph.py tests/test_long.py tests/test_evidence.py -m "not embedded and not bridge" $(PYTEST_ARGS)
+	TL_REVERSED_LEGACY=1 $(LEGACY)/bin/python -m pytest tests/test_core.py tests/test_flow_graph.py tests/test_long.py tests/test_evidence.py tests/test_segments.py -m "not embedded and not bridge" $(PYTEST_ARGS)
 
 # The documentation site (API reference from the docstrings) into site/; warnings are errors.
 docs: $(VENV)/.installed

@@ -4,6 +4,8 @@
   also the same forward+backward to the embeddings without RA's hooks (only the
   embedding hook that makes the embeddings the leaf, so no weight gradient is
   allocated), to tell RA's own share of the time and memory from the model's.
+  Beside them ``bounded``: ``keep="norms"`` on the memory-bounded path
+  (``path="bounded"``: blocks checkpointed, attention in query tiles).
 * Depth: tiny random Llama models (``d_model`` 256, 8 heads) of 2, 4, 8, 16 and 32
   layers, 4 prompts of 128 tokens.
 
@@ -75,8 +77,10 @@ def point(args: dict) -> dict:
             if keep == "plain":
                 with untouched(model):
                     forward_backward(model, plain_batch, _loss)
+            elif keep == "bounded":
+                reversed_attention(model, tokens, metric=_loss, keep="norms", path="bounded", progress=False)
             else:
-                reversed_attention(model, tokens, metric=_loss, keep=keep, progress=False)
+                reversed_attention(model, tokens, metric=_loss, keep=keep, progress=False, path="standard")
             ctx.sync()
 
         return run
@@ -107,7 +111,7 @@ def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     for sweep, sizes, unit_name in (("length", lengths, "tokens"), ("layers", layers, "layers")):
         # forward+backward without RA's hooks along the length sweep, to tell RA's own cost from the model's
-        keeps = ("plain", "norms", "maps") if sweep == "length" else ("norms", "maps")
+        keeps = ("plain", "norms", "maps", "bounded") if sweep == "length" else ("norms", "maps")
         points = []
         for size in sizes:
             args = {"sweep": sweep, "size": size, "keeps": keeps, "device": ctx.device, "tiny": ctx.tiny, "repeats": repeats}
@@ -126,7 +130,8 @@ def run(ctx: Context) -> list[Row]:
         for keep in keeps:
             seconds = [p[keep]["seconds"] for p in points]
             peaks = [max(p[keep]["peak_mib"], 1e-3) for p in points]
-            label = "forward+backward without RA hooks" if keep == "plain" else f"keep={keep}"
+            labels = {"plain": "forward+backward without RA hooks", "bounded": "keep=norms, path=bounded"}
+            label = labels.get(keep, f"keep={keep}")
             detail = {"sizes": list(sizes), "seconds": seconds, "peak_mib": peaks, "memory": points[0][keep]["memory"]}
             steps = " -> ".join(f"{t:.3g}" for t in seconds)
             rows.append(

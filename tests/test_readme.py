@@ -55,6 +55,7 @@ def test_python_blocks_run_in_order(embedded_model, monkeypatch, no_display, tmp
     assert namespace["batch"].norms.shape == (3, 30, 9)
     assert namespace["paris"].top_heads(5) == namespace["ra"].top_heads(5)
     assert (tmp_path / "map.html").exists()
+    assert namespace["answer"].text == "\n\nThe answer"  # the segment-mask section's untuned continuation
     assert hook_count(embedded_model) == 0
     assert [p.requires_grad for p in embedded_model.parameters()] == flags
     assert all(p.grad is None for p in embedded_model.parameters())

@@ -14,7 +14,8 @@ TASK_ORDER = [
     "capitalize", "present-past", "singular-plural", "capitalize_first_letter", "country-capital", "antonym",
     "choose_middle_of_3", "person-sport", "landmark_in_country", "verb_past_tense",
 ]  # fmt: skip
-NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP", "random": "Random", "index": "Index"}
+NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP", "atp0": "AtP0", "random": "Random", "index": "Index"}
+MODELS = {"smollm2": "SmolLM2-135M", "gemma-3-270m": "Gemma 3 270M"}
 
 
 def table(header: list[str], rows: list[list[object]]) -> str:
@@ -24,7 +25,97 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 
 def ordered(frame: pd.DataFrame) -> pd.DataFrame:
     rank = {t: i for i, t in enumerate(TASK_ORDER)}
-    return frame.sort_values(["task", "shots"], key=lambda c: c.map(rank) if c.name == "task" else c)
+    return frame.sort_values(["task", "shots"], key=lambda c: c.map(lambda t: rank.get(t, len(rank))) if c.name == "task" else c)
+
+
+def accuracy() -> str:
+    """Which tasks each model solves: top-1 accuracy at 0, 1 and 5 shots (``accuracy/<model>/``)."""
+    frames = {m: pd.read_csv(f) for m in MODELS if (f := HERE / "accuracy" / m / "accuracy.csv").exists()}
+    if not frames:
+        return "(no accuracy tables yet)"
+    tasks = list(dict.fromkeys(t for f in frames.values() for t in f["task"]))
+    shots = sorted(set.union(*(set(f["shots"]) for f in frames.values())))
+    header = ["task"] + [f"{MODELS[m]} {k}-shot" for m in frames for k in shots]
+    rows = []
+    for task in tasks:
+        row: list[object] = [task]
+        for frame in frames.values():
+            part = frame[frame["task"] == task].set_index("shots")
+            row += [f"{part.loc[k, 'accuracy']:.2f}" if k in part.index else "" for k in shots]
+        rows.append(row)
+    sizes = "; ".join(f"{MODELS[m]}: {int(f['n'].min())}-{int(f['n'].max())} test prompts per task" for m, f in frames.items())
+    return table(header, rows) + f"\n\n({sizes}.)"
+
+
+def informative_tasks(model: str = "smollm2", shots: int = 5, floor: float = 0.3) -> list[str]:
+    """Tasks whose ``shots``-shot accuracy is at least ``floor`` (the issues' bar for an informative test)."""
+    path = HERE / "accuracy" / model / "accuracy.csv"
+    if not path.exists():
+        return []
+    frame = pd.read_csv(path)
+    return frame[(frame["shots"] == shots) & (frame["accuracy"] >= floor)]["task"].tolist()
+
+
+def agreement() -> str:
+    """Spearman and Recall@K of each ranking against CM1, from every ``*_agreement.csv``."""
+    files = sorted(HERE.glob("perturbation*/*_agreement.csv"))
+    if not files:
+        return "(no agreement tables yet)"
+    frame = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    recalls = [c for c in frame.columns if c.startswith("recall@")]
+    rows = []
+    for method, part in frame.groupby("method", sort=False):
+        rows.append([NAMES.get(method, method), len(part), f"{part['spearman'].mean():.2f}",
+                     f"{part['spearman'].min():.2f} to {part['spearman'].max():.2f}",
+                     *[f"{part[c].mean():.2f}" for c in recalls]])  # fmt: skip
+    rows.sort(key=lambda r: -float(r[2]))
+    return table(["method", "tests", "mean Spearman with CM1", "range", *[f"mean {c}" for c in recalls]], rows)
+
+
+def sparsity() -> str:
+    """In how many (prompt, head) pairs and heads RA is sparser than forward attention (``sparsity/<model>/``)."""
+    rows = []
+    for model, name in MODELS.items():
+        path = HERE / "sparsity" / model / "sparsity.csv"
+        if not path.exists():
+            continue
+        frame = pd.read_csv(path)
+        for measure, part in frame.groupby("measure", sort=False):
+            pairs, heads = part["ra_sparser_pairs"].sum() / part["pairs"].sum(), part["ra_sparser_heads"].sum() / part["heads"].sum()
+            tests = f"{part['task'].nunique()} tasks x shots {sorted(set(part['shots']))}"
+            rows.append([name, measure, tests, f"{pairs:.1%}", f"{heads:.1%}", f"{part['ra_mean'].mean():.3f}", f"{part['fa_mean'].mean():.3f}"])
+    if not rows:
+        return "(no sparsity tables yet)"
+    return table(["model", "measure", "tests", "RA sparser: (prompt, head) pairs", "RA sparser: heads", "RA mean", "FA mean"], rows)
+
+
+def structured(folder: str = "patching-structured", model: str = "smollm2") -> tuple[str, str]:
+    """Structured patching per task and shot count, and the 90%-of-5-shot goal at 0 shots."""
+    files = sorted((HERE / folder).glob("*_patching.csv"))
+    if not files:
+        return "(no structured patching results yet)", ""
+    frame = ordered(pd.concat([pd.read_csv(f) for f in files], ignore_index=True))
+    acc = pd.read_csv(HERE / "accuracy" / model / "accuracy.csv") if (HERE / "accuracy" / model / "accuracy.csv").exists() else None
+    five = dict(zip(acc[acc["shots"] == 5]["task"], acc[acc["shots"] == 5]["accuracy"])) if acc is not None else {}
+    rows, met_same, met_struct, counted = [], [], [], []
+    for _, r in frame.iterrows():
+        sparse = " / ".join(f"{r[f'structured_top{k:g}']:.2f}" for k in (0.01, 0.05, 0.1, 0.25))
+        rows.append([r.task, r.shots, f"{r.original:.2f} ({r.n_test})", f"{r.iterative:.2f} (step {int(r.iterative_chosen_step)})",
+                     f"{r.all_original:.2f} ({int(r.n_test_all)})", f"{r.structured:.2f}",
+                     f"{r.structured_iterative:.2f} (step {int(r.structured_iterative_step)})", sparse,
+                     f"{five[r.task]:.2f}" if r.task in five else ""])  # fmt: skip
+        if r.shots == 0 and five.get(r.task, 0) >= 0.3:
+            counted.append(r.task)
+            if r.iterative >= 0.9 * five[r.task]:
+                met_same.append(r.task)
+            if r.structured_iterative >= 0.9 * five[r.task]:
+                met_struct.append(r.task)
+    header = ["task", "shots", "one length: original (n)", "one length: iterative RA, auto", "every length: original (n)",
+              "structured RA (-30)", "iterative structured RA, auto", "structured, top 1/5/10/25% heads", "5-shot accuracy"]  # fmt: skip
+    goal = (f"0-shot tasks with 5-shot accuracy >= 0.3 run so far: {len(counted)}. Patched 0-shot accuracy at least 90% of "
+            f"the model's own 5-shot accuracy: iterative RA on one length in {len(met_same)} ({', '.join(met_same) or 'none'}); "
+            f"iterative structured RA on every length in {len(met_struct)} ({', '.join(met_struct) or 'none'}).")  # fmt: skip
+    return table(header, rows), goal
 
 
 def patching() -> str:
@@ -83,7 +174,18 @@ def perturbation() -> tuple[str, str]:
 
 
 if __name__ == "__main__":
-    print("## Patching\n")
+    print("## Which tasks each model solves\n")
+    print(accuracy())
+    print("\n## Agreement with causal mediation (CM1)\n")
+    print(agreement())
+    print("\n## Sparsity\n")
+    print(sparsity())
+    full_structured, goal = structured()
+    print("\n## Structured patching\n")
+    print(full_structured)
+    print()
+    print(goal)
+    print("\n## Patching\n")
     print(patching())
     full, wins = perturbation()
     print("\n## Perturbation\n")

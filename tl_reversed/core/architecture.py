@@ -461,3 +461,39 @@ def hooks_at_unembed(names: Sequence[object]) -> bool:
     is not a string may match them, so it counts as one.
     """
     return any(not isinstance(name, str) or name.startswith("unembed.") or name == "hook_unembed" for name in names)
+
+
+# --------------------------------------------------------------------------- segment masks
+_MASK_TAKING = {f"{p}AttentionBridge" for p in ("", "JointQKV", "PositionEmbeddings", "JointQKVPositionEmbeddings")}
+
+
+@dataclass(frozen=True)
+class MaskRoute:
+    """How a mask of our own reaches the attention (:mod:`tl_reversed.core.segments`); see :func:`mask_route`."""
+
+    kind: str
+    q_hook: str = "q"
+    k_hook: str = "k"
+    softcap: float | None = None
+
+
+def mask_route(model: object) -> MaskRoute:
+    """How to replace the model's attention mask, or ``TypeError`` saying why it cannot be replaced: ``"kwarg"``
+    (bridge): every ``blocks[l].attn`` takes a 4-D ``attention_mask`` ``[batch, 1, query, key]`` as the whole mask.
+    ``"scores"`` (HookedTransformer, which masks before ``hook_attn_scores``): recompute the scores there from
+    ``q_hook`` / ``k_hook`` (post-rotary), times ``describe(model).scales[l]``, soft-capped at ``softcap``."""
+    spec, cfg = describe(model), model.cfg  # type: ignore[attr-defined]
+    if spec.kind == "hooked":
+        if cfg.positional_embedding_type == "alibi" or getattr(cfg, "use_logn_attn", False):  # scores not from q.k alone
+            raise TypeError("segment masks are not supported on a HookedTransformer with ALiBi or log-n attention")
+        rot, cap = "rot_" if cfg.positional_embedding_type == "rotary" else "", getattr(cfg, "attn_scores_soft_cap", None)
+        return MaskRoute("scores", f"{rot}q", f"{rot}k", cap if cap and cap > 0 else None)
+    for layer, block in enumerate(model.blocks):  # type: ignore[attr-defined]
+        hf, owner = block.attn.original_component, type(block.attn).forward.__qualname__.split(".")[0]
+        impl = getattr(getattr(hf, "config", None), "_attn_implementation", None) or "eager"
+        own_mask = "bias" in dict(hf.named_buffers(recurse=False)) or not getattr(hf, "is_causal", False)
+        if owner not in _MASK_TAKING or (owner == "AttentionBridge" and (own_mask or impl not in ("eager", "sdpa"))):
+            raise TypeError(f"segment masks are not supported for layer {layer}'s attention ({type(block.attn).__name__} "
+                            f"over {type(hf).__name__}, {impl}): it takes no 4-D attention mask. Supported: the bridge's "
+                            "own attention (GPT-2, Llama, Gemma...), delegated eager/SDPA attention (OPT, GPT-J), HookedTransformer")
+    return MaskRoute("kwarg")

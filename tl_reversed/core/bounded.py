@@ -1,4 +1,4 @@
-"""The memory-bounded RA pass: each block checkpointed, RA reduced while the block is recomputed.
+"""The memory-bounded RA pass: each block checkpointed, attention in query tiles, RA from the tiles.
 
 The standard pass keeps, for the backward, every layer's activations, among them each
 layer's ``[head, query_pos, key_pos]`` attention pattern: memory grows with
@@ -9,15 +9,28 @@ scoped to the model at hand (:func:`checkpointed_blocks`):
 * forward: each block runs with its saved activations dropped; only each block's input
   (the residual stream, ``[batch, pos, d_model]`` per layer, linear in tokens) is kept;
 * backward: when the gradient reaches block ``l``, the block is recomputed from its
-  input, and its backward runs on the recomputed activations. Only then do the RA sink's
-  forward hooks keep ``hook_pattern`` and ``hook_v`` of layer ``l`` (the ``gate``), and the
-  backward hook on ``hook_z`` reduces them with the gradient to norms or kept query rows,
-  a query tile at a time (:func:`tl_reversed.core.rows.reduce_layer`).
+  input, and its backward runs on the recomputed activations.
 
-One layer's pattern is alive at a time: the pattern the model's own attention makes in
-the recomputed block (TransformerLens computes attention eagerly and exposes it at
-``hook_pattern``; the sink holds a reference to that tensor, not a copy). That one
-layer's ``heads x tokens^2`` term remains; the ``layers x`` factor is gone.
+Where the model's attention can take it (GPT-2, Llama, Gemma 3 and the other
+``PositionEmbeddingsAttentionBridge`` models under the TransformerBridge; see
+:mod:`tl_reversed.core.attention_seams`), attention itself runs in query tiles
+(:mod:`tl_reversed.core.tiled_attention`): no layer's ``[head, T, T]`` scores or pattern
+exist at any moment, in the forward, the recomputation or the backward, only
+``[batch, head, tile, T]`` tiles (``tile`` from :data:`tl_reversed.core.rows.TILE_ELEMENTS`),
+and the attention's backward hands each tile's pattern and ``dL/dA`` to the RA sink's
+:class:`~tl_reversed.core.rows.TileReducer`. What stays in memory then: the block inputs,
+one block's recomputed activations with its q, k, v, output and row log-sum-exp
+(``[batch, head, T]``), one tile, and the model's own ``[batch, 1, T, T]`` attention mask,
+which Hugging Face builds once per forward for all layers (4 bytes per entry: 256 MiB at
+8k tokens). ``hook_pattern`` and ``hook_attn_scores`` do not fire there; a call that hooks
+them is refused.
+
+Elsewhere (attention the bridge delegates to Hugging Face: OPT, GPT-J, GPT-Neo; the
+HookedTransformer of TransformerLens 2.x/3.x) the recomputed block runs the model's own
+eager attention: only then do the RA sink's forward hooks keep ``hook_pattern`` and
+``hook_v`` of layer ``l`` (the ``gate``), and the backward hook on ``hook_z`` reduces them,
+a query tile at a time (:func:`tl_reversed.core.rows.reduce_layer`). One layer's
+``heads x tokens^2`` pattern is alive at a time there; the ``layers x`` factor is gone.
 
 Key/value caches are not used by a single pass; a block's cache argument (a Hugging
 Face ``Cache``) is dropped so the recomputation does not append to it a second time.

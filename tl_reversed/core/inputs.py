@@ -19,7 +19,7 @@ from torch import Tensor
 from tl_reversed.core.architecture import ModelSpec
 from tl_reversed.core.checks import optional_batch_size
 
-PromptsLike = str | Sequence[str] | Tensor
+PromptsLike = str | Sequence[str] | Tensor | Sequence[Tensor]
 TargetsLike = str | Sequence[str] | None
 
 
@@ -141,7 +141,11 @@ def tokenize(
             "ignored; drop targets=... (or drop metric=... to use the target cross-entropy)"
         )
     prompt_strings: list[str] | None = None
-    if isinstance(prompts, Tensor):
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, Tensor) for p in prompts):
+        if any(p.ndim != 1 or p.numel() == 0 or p.dtype not in (torch.int64, torch.int32) for p in prompts):
+            raise ValueError("token prompts given as a list must be non-empty 1-D integer tensors, one per prompt")
+        prompt_tokens = [p.long().cpu() for p in prompts]
+    elif isinstance(prompts, Tensor):
         if prompts.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token prompts must be an integer tensor, got {prompts.dtype}")
         rows = prompts[None] if prompts.ndim == 1 else prompts

@@ -14,6 +14,7 @@ along ``-RA``: where RA is negative, the step raises attention to that key.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import TypedDict
 from dataclasses import dataclass, field
 
@@ -26,13 +27,15 @@ from torch import Tensor
 from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat_kv
 from tl_reversed.core import memory
 from tl_reversed.core.checks import check_layers  # noqa: F401 (also imported from here)
+from tl_reversed.core.attention_seams import refuse_whole_pattern_hooks, tiled_attention_on, tiled_unsupported
 from tl_reversed.core.bounded import checkpointed_blocks, choose_path, standard_pattern_bytes
 from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.options import KEEP, RA_PATHS, Keep, RAPath, check_option
 from tl_reversed.core.results import Result
 from tl_reversed.core.state import model_lock
-from tl_reversed.core.rows import QueryPositions, query_rows, reduce_layer
+from tl_reversed.core.rows import QueryPositions, TileReducer, query_rows, reduce_layer
+from tl_reversed.core.segments import SegmentSink, masked_by, prompt_ids, run_ids, unpad
 
 
 def ra_from_parts(
@@ -92,6 +95,8 @@ class ReversedAttention(Result):
         query_positions: ``None`` for whole maps, else the query position of each kept row
             ``[batch, row]`` (``-1`` where an example keeps fewer rows). The norms are then
             those of the kept rows, not of the whole maps.
+        segments: ``None`` under the causal mask; else the segment id of each prompt token
+            ``[batch, pos]`` (-1 after the prompt) the pass ran under (:mod:`tl_reversed.core.segments`).
     """
 
     norms: Float[Tensor, "batch layer head"]
@@ -107,6 +112,7 @@ class ReversedAttention(Result):
     targets: list[str] | None = None
     scales: tuple[float, ...] = field(default=(), repr=False)
     query_positions: Int[Tensor, "batch row"] | None = None
+    segments: Int[Tensor, "batch pos"] | None = None
 
     def __len__(self) -> int:
         return self.norms.shape[0]
@@ -245,6 +251,10 @@ class RASink:
     ``rows`` (:func:`tl_reversed.core.rows.query_rows`) keeps only those query rows;
     ``gate(layer)``, when given, says whether the forward hooks of a layer keep its
     tensors now (the memory-bounded pass keeps them only while a block is recomputed).
+    ``tiles``, when given, is the observer table of the tiled attention
+    (:func:`tl_reversed.core.attention_seams.tiled_attention_on`): each chunk puts a
+    :class:`~tl_reversed.core.rows.TileReducer` per layer there, which the attention's
+    backward feeds with its pattern tiles, and no pattern or value is hooked at all.
     """
 
     def __init__(
@@ -257,11 +267,12 @@ class RASink:
         *,
         rows: Tensor | None = None,
         gate: Callable[[int], bool] | None = None,
+        tiles: dict[int, TileReducer] | None = None,
     ):
         n, width = batch.tokens.shape
         param = next(model.parameters())
         self.model, self.spec, self.layers, self.batch, self.keep = model, spec, layers, batch, keep
-        self.rows, self.gate = rows, gate
+        self.rows, self.gate, self.tiles = rows, gate, tiles
         self.device = param.device
         self.dtype = accumulation_dtype(param.dtype)
         self.norms = torch.zeros(n, len(layers), spec.n_heads, dtype=self.dtype)
@@ -304,9 +315,30 @@ class RASink:
 
             return attn_hook(layer, "z"), hook
 
+        if self.tiles is not None:
+            return [], self._tile_reducers(lengths, rows, out)
         fwd = [save(name, layer) for layer in self.layers for name in ("v", "pattern")]
         bwd = [on_grad(i, layer) for i, layer in enumerate(self.layers)]
         return fwd, bwd
+
+    def _tile_reducers(self, lengths: Tensor, rows: Tensor | None, out: dict[str, Tensor]) -> list[Hook]:
+        """Put one reducer per layer in ``self.tiles``; the backward hooks on ``hook_z`` hand it the gradient there."""
+        assert self.tiles is not None
+        self.tiles.clear()
+
+        def store(i: int) -> Callable[[dict[str, Tensor]], None]:
+            def done(parts: dict[str, Tensor]) -> None:
+                for name, value in parts.items():
+                    out[name][:, i] = value
+
+            return done
+
+        def take(reducer: TileReducer) -> Callable[[Tensor, object], None]:
+            return lambda grad, hook: reducer.take_grad(grad)
+
+        for i, layer in enumerate(self.layers):
+            self.tiles[layer] = TileReducer(lengths, rows, "maps" in out, self.spec.scales[layer], store(i))
+        return [(attn_hook(layer, "z"), take(self.tiles[layer])) for layer in self.layers]
 
     def merge(self, chunk: Chunk) -> None:
         idx, out = chunk.index, self._chunk
@@ -352,6 +384,7 @@ def reversed_attention(
     memory_check: bool = True,
     query_positions: QueryPositions = None,
     path: RAPath = "auto",
+    segments: Tensor | None = None,
 ) -> ReversedAttention:
     """Reversed Attention of every head for prompts and targets.
 
@@ -377,11 +410,19 @@ def reversed_attention(
             positions keeps only those query rows: maps ``[batch, layer, head, row, key_pos]``
             and norms of the kept rows (see :mod:`tl_reversed.core.rows`).
         path: ``"standard"`` runs the model's own pass (every layer's pattern kept for the
-            backward); ``"bounded"`` checkpoints every block and reduces RA while the block
-            is recomputed, so one layer's pattern is alive at a time
-            (:mod:`tl_reversed.core.bounded`); ``"auto"`` (default) takes the bounded path
+            backward); ``"bounded"`` checkpoints every block, computes attention in query
+            tiles and reduces RA from the tiles of the attention's backward, so no layer's
+            ``[T, T]`` pattern exists (:mod:`tl_reversed.core.bounded`; models whose attention
+            cannot be tiled keep one layer's pattern at a time). There ``hook_pattern`` and
+            ``hook_attn_scores`` never fire, and ``extra_hooks`` on them raise ``ValueError``;
+            ``hook_q``, ``hook_k``, ``hook_v``, ``hook_rot_q``/``hook_rot_k`` and ``hook_z``
+            fire as usual. ``"auto"`` (default) takes the bounded path
             for norms or query rows when the patterns the standard pass would keep exceed
             1 GiB (:data:`tl_reversed.core.bounded.BOUNDED_ABOVE_BYTES`). Both give the same RA.
+        segments: run under a segment mask (MAS, :mod:`tl_reversed.core.segments`): one id per
+            prompt token, ``[pos]`` or ``[batch, pos]`` right-padded with -1 (from ``tokenize_pieces``
+            / ``tokenize_batch``; pass their tokens as ``prompts``, padding is dropped). Target tokens attend causally.
+            RA is then non-zero in the allowed blocks above the diagonal. Standard path only.
 
     Returns:
         A :class:`ReversedAttention` result.
@@ -390,8 +431,13 @@ def reversed_attention(
     chosen = check_layers(layers, spec)
     check_option("keep", keep, KEEP)
     check_option("path", path, RA_PATHS)
+    prompts = prompts if segments is None else unpad(prompts, segments)  # padded rows of tokenize_batch
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None, metric=metric is not None)
     rows = query_rows(query_positions, batch)
+    if segments is not None:
+        if path == "bounded":
+            raise ValueError("path='bounded' does not run under a segment mask: use path='standard' (or 'auto')")
+        path, seg = "standard", SegmentSink(run_ids(prompt_ids(segments, batch), batch.lengths))
     per_pass = len(batch) if batch_size is None else min(len(batch), batch_size)
     dtype = next(model.parameters()).dtype
     estimate = standard_pattern_bytes(spec, spec.n_layers, per_pass, batch.tokens.shape[1], dtype)
@@ -401,12 +447,24 @@ def reversed_attention(
             memory.check_pass(model, batch, parts, what="reversed_attention", keep=keep, kept_layers=len(chosen),
                               full_logits=metric is not None)  # fmt: skip
         sink = RASink(model, spec, chosen, batch, keep, rows=rows)
-        run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
-            progress=progress, desc="reversed attention")  # fmt: skip
-        return sink.finish()
+        if segments is None:
+            run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+                progress=progress, desc="reversed attention")  # fmt: skip
+            return sink.finish()
+        with masked_by(model, seg.current):
+            run(model, batch, [seg, sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+                progress=progress, desc="reversed attention")  # fmt: skip
+        result = sink.finish()
+        result.segments = prompt_ids(segments, batch).cpu()
+        return result
     # the bounded path keeps one layer's activations at a time: the standard estimate does not apply
-    with model_lock(model), checkpointed_blocks(model) as state:  # the lock: no other thread sees the swapped forwards
-        sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=state.recomputing)
+    tiled = tiled_unsupported(model) is None
+    if tiled:
+        refuse_whole_pattern_hooks(model, extra_hooks)
+    tiles: dict[int, TileReducer] = {}
+    # the lock: no other thread sees the swapped forwards
+    with model_lock(model), checkpointed_blocks(model) as state, tiled_attention_on(model, tiles) if tiled else nullcontext():
+        sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=state.recomputing, tiles=tiles if tiled else None)
         run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
             progress=progress, desc="reversed attention")  # fmt: skip
     return sink.finish()

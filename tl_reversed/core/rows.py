@@ -146,3 +146,89 @@ def reduce_layer(
     out["norms"] = squares.sqrt().cpu()
     out["pattern_norms"] = pattern_squares.sqrt().cpu()
     return out
+
+
+class TileReducer:
+    """One layer's RA reduced tile by tile from the pattern and ``dL/dA`` the tiled backward hands over.
+
+    The same numbers as :func:`reduce_layer` (norms of real tokens, maps or kept rows),
+    from ``add(start, pattern, grad_pattern)`` calls of query rows ``start:start + tile``
+    (``[batch, head, tile, key_pos]``, see :mod:`tl_reversed.core.tiled_attention`);
+    ``finish()`` passes the dict :func:`reduce_layer` returns to ``done``. Where
+    :meth:`take_grad` was given the gradient at ``hook_z`` and it differs from the
+    attention output's (an edit at ``hook_z``), ``dL/dA`` is rebuilt from it.
+    """
+
+    def __init__(
+        self,
+        lengths: Int[Tensor, " batch"],
+        rows: Int[Tensor, "batch row"] | None,
+        keep_maps: bool,
+        scale: float,
+        done,
+    ):
+        self.lengths, self.rows, self.keep_maps, self.scale, self.done = lengths, rows, keep_maps, scale, done
+        self.parts: dict[str, Tensor] = {}
+        self.grad_z: Tensor | None = None
+
+    def _start(self, pattern: Tensor) -> None:
+        n, n_heads, _, width = pattern.shape
+        dtype, device = pattern.dtype, pattern.device
+        self.lengths = self.lengths.to(device)
+        self.key_real = (torch.arange(width, device=device)[None] < self.lengths[:, None]).to(dtype)[:, None, None]
+        self.parts["squares"] = torch.zeros(n, n_heads, dtype=dtype, device=device)
+        self.parts["pattern_squares"] = torch.zeros_like(self.parts["squares"])
+        n_rows = width if self.rows is None else self.rows.shape[1]
+        if self.rows is not None:
+            self.rows = self.rows.to(device)
+        if self.keep_maps or self.rows is not None:  # kept rows are gathered on the device, then reduced
+            where = "cpu" if self.rows is None else device
+            self.parts["maps"] = torch.zeros(n, n_heads, n_rows, width, dtype=dtype, device=where)
+            self.parts["pattern"] = torch.zeros_like(self.parts["maps"])
+
+    def take_grad(self, grad_z: Float[Tensor, "batch query_pos head d_head"]) -> None:
+        """The gradient at ``hook_z`` (a backward hook's view, after any edit made there)."""
+        self.grad_z = grad_z.detach()
+
+    def add(self, start: int, pattern: Tensor, grad_pattern: Tensor, grad_out: Tensor, values: Tensor) -> None:
+        if not self.parts:
+            self._start(pattern)
+        stop = start + pattern.shape[2]
+        hooked = None if self.grad_z is None else self.grad_z[:, start:stop].transpose(1, 2).to(grad_out.dtype)
+        if hooked is not None and not torch.equal(hooked, grad_out):
+            # an edit at hook_z (e.g. a head ablated there) makes dL/dZ differ from the gradient at
+            # hook_z; RA is defined from the latter on every path (G = grad(hook_z) V^T)
+            grad_pattern = hooked @ values.transpose(-1, -2)
+        if self.rows is None:
+            query_real = (torch.arange(start, stop, device=pattern.device)[None] < self.lengths[:, None]).to(pattern.dtype)
+            mask = query_real[:, None, :, None] * self.key_real
+            ra = pattern * (grad_pattern - (pattern * grad_pattern).sum(-1, keepdim=True)) * self.scale * mask
+            forward = pattern * mask
+            self.parts["squares"] += ra.square().sum((-2, -1))
+            self.parts["pattern_squares"] += forward.square().sum((-2, -1))
+            if self.keep_maps:
+                self.parts["maps"][:, :, start:stop] = ra.cpu()
+                self.parts["pattern"][:, :, start:stop] = forward.cpu()
+            return
+        inside = (self.rows >= start) & (self.rows < stop)  # [batch, row]: kept rows in this tile
+        if not bool(inside.any()):
+            return
+        every = torch.arange(pattern.shape[0], device=pattern.device)[:, None]
+        local = (self.rows - start).clamp(0, stop - start - 1)
+        a = pattern[every, :, local].transpose(1, 2)  # [batch, head, row, key]
+        g = grad_pattern[every, :, local].transpose(1, 2)
+        ra = a * (g - (a * g).sum(-1, keepdim=True)) * self.scale * self.key_real
+        keep = inside[:, None, :, None]
+        self.parts["maps"] = torch.where(keep, ra, self.parts["maps"])
+        self.parts["pattern"] = torch.where(keep, a * self.key_real, self.parts["pattern"])
+
+    def finish(self) -> None:
+        parts = self.parts
+        if self.rows is not None:
+            parts["squares"] = parts["maps"].flatten(-2).square().sum(-1)
+            parts["pattern_squares"] = parts["pattern"].flatten(-2).square().sum(-1)
+        out = {"norms": parts["squares"].sqrt().cpu(), "pattern_norms": parts["pattern_squares"].sqrt().cpu()}
+        if self.keep_maps:
+            out["maps"], out["pattern"] = parts["maps"].cpu(), parts["pattern"].cpu()
+        self.parts, self.grad_z = {}, None
+        self.done(out)

@@ -27,6 +27,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_reversed.views.segments import result_boundaries
+
 if TYPE_CHECKING:  # pragma: no cover
     from tl_reversed.core.reversed_attention import ReversedAttention
 
@@ -110,8 +112,12 @@ def _heads(result: ReversedAttention, heads: Sequence[tuple[int, int]] | None) -
     return chosen
 
 
-def _token_spans(tokens: Sequence[str]) -> str:
-    return "".join(f'<span class="tok">{html.escape(t)}<sub>{i}</sub></span>' for i, t in enumerate(tokens))
+def _token_spans(tokens: Sequence[str], starts: Sequence[int] = ()) -> str:
+    """The tokens as boxes; a box that starts a segment (``starts``) gets a red left edge."""
+    edge = ' style="border-left: 3px solid #d62728"'
+    return "".join(
+        f'<span class="tok"{edge if i in starts else ""}>{html.escape(t)}<sub>{i}</sub></span>' for i, t in enumerate(tokens)
+    )
 
 
 def _head_table(result: ReversedAttention, heads: list[tuple[int, int]], example: int) -> str:
@@ -171,7 +177,7 @@ def render_html(
         "maxValue": 1.0,
         "negativeColor": NEGATIVE_COLOR,
         "positiveColor": POSITIVE_COLOR,
-        "maskUpperTri": True,
+        "maskUpperTri": result.segments is None,  # under a segment mask, a segment's future keys are real
     }
     fa_props = {
         "attention": _rounded(fa),
@@ -180,7 +186,7 @@ def render_html(
         "minValue": 0.0,
         "maxValue": 1.0,
         "positiveColor": FA_COLOR,
-        "maskUpperTri": True,
+        "maskUpperTri": result.segments is None,
     }
     prompt = result.prompts[i] if result.prompts else "".join(tokens)
     target = result.targets[i] if result.targets else None
@@ -192,6 +198,11 @@ def render_html(
     about += f"{len(chosen)} head{'s' if len(chosen) != 1 else ''} shown"
     if result.query_positions is not None:
         about += f" (query rows {result.rows(i)} only: the other rows were not computed and show 0)"
+    starts = result_boundaries(result, i)
+    if result.segments is not None:
+        about += (f". Run under a segment mask (MAS): each prompt token sees its whole segment and the earlier ones; "
+                  f"new segments (red edges below) start at positions {starts}, the last one being the end of the prompt "
+                  "if tokens follow it")  # fmt: skip
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -206,9 +217,9 @@ def render_html(
 <p class="note">{about}. RA is the gradient of the loss with respect to each head's
 Q&middot;K<sup>T</sup> (Katz &amp; Wolf, NAACL 2025). A gradient-descent step moves attention along
 &minus;RA: <span class="up">blue (negative) keys gain attention</span>, <span class="down">red (positive)
-keys lose it</span>. Rows are queries, columns keys; future keys are masked.</p>
+keys lose it</span>. Rows are queries, columns keys; keys the mask hides show 0.</p>
 <h2>Tokens</h2>
-<div class="tokens" id="tokens">{_token_spans(tokens)}</div>
+<div class="tokens" id="tokens">{_token_spans(tokens, starts)}</div>
 <h2>Reversed attention</h2>
 <p class="note">Each head is scaled to its own largest |RA| (sign kept), so shapes compare across heads,
 sizes do not: see the norms in the table. Hover a thumbnail to view a head, click to lock it; hover a cell

@@ -36,6 +36,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from tl_reversed.experiments.perturbation import auc as curve_auc  # the one AUC (trapezoid over the fractions)
+from tl_reversed.views.segments import draw_boundaries, result_boundaries, result_mask
 
 if TYPE_CHECKING:  # pragma: no cover
     from tl_reversed.core.reversed_attention import ReversedAttention
@@ -66,14 +67,18 @@ def symmetric_limit(*maps: np.ndarray | torch.Tensor) -> float:
 
 
 def _causal(
-    matrix: Float[torch.Tensor, "query_pos key_pos"] | np.ndarray, rows: Sequence[int] | None = None
+    matrix: Float[torch.Tensor, "query_pos key_pos"] | np.ndarray, rows: Sequence[int] | None = None,
+    allowed: np.ndarray | None = None,
 ) -> np.ma.MaskedArray:
     """The matrix as a masked array with the strict upper triangle (future keys) masked.
 
     ``rows``: the query position of each row (maps of chosen query rows); keys after it are masked.
+    ``allowed``: a segment mask ``[pos, pos]`` to mask by instead (the keys each query may see).
     """
     data = matrix.detach().cpu().float().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix)
     n_query, n_key = data.shape
+    if allowed is not None:
+        return np.ma.masked_array(data, mask=~allowed[list(range(n_query)) if rows is None else list(rows), :n_key])
     if rows is not None:
         future = np.arange(n_key)[None, :] > np.asarray(rows)[:, None]
         return np.ma.masked_array(data, mask=future)
@@ -137,7 +142,8 @@ def plot_head(result: ReversedAttention, layer: int, head: int, example: int = 0
 
     Left: the forward pattern on a 0..1 sequential scale. Right: RA on a diverging scale
     centred at zero with symmetric limits ``[-max|RA|, max|RA|]``. Future keys (the
-    strict upper triangle) are masked; both axes carry the example's tokens. The figure's
+    strict upper triangle) are masked (under a segment mask: the keys it hides, with the
+    segment boundaries drawn in red); both axes carry the example's tokens. The figure's
     title is ``L{layer}H{head}``.
 
     Returns:
@@ -147,8 +153,8 @@ def plot_head(result: ReversedAttention, layer: int, head: int, example: int = 0
     _check_maps(result)
     tokens = result.str_tokens[result._example(example)]
     rows = _rows(result, example)
-    fa = _causal(result.head_pattern(layer, head, example), rows)
-    ra = _causal(result.head(layer, head, example), rows)
+    fa = _causal(result.head_pattern(layer, head, example), rows, result_mask(result, example))
+    ra = _causal(result.head(layer, head, example), rows, result_mask(result, example))
     side = _map_size(len(tokens))
     height = side if rows is None else min(side, 0.32 * len(rows) + 1.5)
     fig = Figure(figsize=(2 * side + 1.6, height + 0.9), layout="constrained")
@@ -161,6 +167,7 @@ def plot_head(result: ReversedAttention, layer: int, head: int, example: int = 0
     ax_ra.set_title("reversed attention" + (f"\n{_target_text(result, example)}" if result.targets else ""))
     for ax in (ax_fa, ax_ra):
         _label_tokens(ax, tokens, rows=rows)
+        draw_boundaries(ax, result_boundaries(result, example), rows)
         ax.set_aspect("auto" if rows is not None else "equal")
     fig.suptitle(f"L{layer}H{head}", fontweight="bold")
     fig.supxlabel(SIGN_NOTE, fontsize=8, color="0.3")
@@ -183,7 +190,7 @@ def plot_top_heads(
     heads = result.top_heads(k)
     tokens = result.str_tokens[result._example(example)]
     rows = _rows(result, example)
-    maps = [_causal(result.head(layer, head, example), rows) for layer, head in heads]
+    maps = [_causal(result.head(layer, head, example), rows, result_mask(result, example)) for layer, head in heads]
     ncols = ncols or min(len(heads), 3)
     nrows = math.ceil(len(heads) / ncols)
     side = min(_map_size(len(tokens)), 4.5)
@@ -197,6 +204,7 @@ def plot_top_heads(
         images.append(image)
         ax.set_title(f"L{layer}H{head}")
         _label_tokens(ax, tokens, fontsize=7, rows=rows)
+        draw_boundaries(ax, result_boundaries(result, example), rows)
         if rows is not None:
             ax.set_aspect("auto")
         if not shared_scale:
