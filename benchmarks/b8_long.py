@@ -82,7 +82,9 @@ def point(args: dict) -> dict:
                 with untouched(model):
                     forward_backward(model, tokenize(model, prompt, [TARGET], spec, need_targets=True), None)
             else:
-                reversed_attention(model, prompt, [TARGET], progress=False, path=path, **kwargs)
+                # memory_check off: the standard mode runs only where standard_fits says it fits this
+                # machine, and other jobs' memory must not refuse a measurement
+                reversed_attention(model, prompt, [TARGET], progress=False, path=path, memory_check=False, **kwargs)
             ctx.sync()
 
         return call

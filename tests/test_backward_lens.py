@@ -578,3 +578,56 @@ def test_embedded_rank_of_mlp_gradient_is_bounded_by_positions(embedded_model):
     assert result.n_positions == 7
     assert result.rank <= 7 and result.rank >= 2
     assert math.isfinite(float(result.singular_values[0]))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("path", ["standard", "bounded"])
+def test_residual_vjps_equal_autograd_of_the_residual_itself(arch, path):
+    """The residual sites' VJPs are the gradients of the residual tensors, skip connection included.
+
+    On a TransformerBridge ``hook_resid_mid`` is ``ln2.hook_in``: a backward hook there sees
+    the MLP branch alone (the ``branch`` reading below, far from the truth); the lens reads
+    the residual's own gradient.
+    """
+    model = tiny_model(arch)
+    prompt, target = "The cat sat on the", " mat"
+    sites = ["resid_pre", "resid_mid", "resid_post"]
+    lens = backward_lens(model, prompt, target, sites=sites, path=path)
+    tokens = model.to_tokens(prompt + target[:-1])
+    n_prompt = model.to_tokens(prompt).shape[1]
+    answer = model.to_tokens(target, prepend_bos=False)[0]
+    names = [block_hook(layer, site) for site in sites for layer in range(model.cfg.n_layers)]
+    kept, branch = {}, {}
+
+    def keep(name):
+        def hook(x, hook):
+            kept[name] = x  # hook.name is the canonical name on a bridge: bind the alias
+            return x
+
+        return hook
+
+    def keep_branch(grad, hook):
+        branch[len(branch)] = grad.detach()
+
+    mids = [block_hook(layer, "resid_mid") for layer in range(model.cfg.n_layers)]
+    leaf = (EMBED, lambda x, hook: x.detach().requires_grad_(True))
+
+    def loss_of(run):
+        logits = run(tokens)[0, n_prompt - 1 : n_prompt - 1 + len(answer)]
+        return -logits.float().log_softmax(-1).gather(-1, answer[:, None]).sum()
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[leaf, *[(n, keep(n)) for n in names]]):
+        loss = loss_of(model)
+        grads = torch.autograd.grad(loss, [kept[n] for n in names])
+    with torch.enable_grad(), model.hooks(fwd_hooks=[leaf], bwd_hooks=[(n, keep_branch) for n in mids]):
+        loss_of(model).backward()
+    assert float(lens.loss[0]) == pytest.approx(float(loss.detach()), rel=1e-5)
+    n_layers = model.cfg.n_layers
+    for s in range(len(sites)):
+        for layer in range(n_layers):
+            want = grads[s * n_layers + layer][0]
+            torch.testing.assert_close(lens.vjps[0, s, layer, : want.shape[0]], want, atol=1e-6, rtol=1e-5)
+    # the backward hook at hook_resid_mid (fired last layer first) misses the skip connection
+    mid_true = torch.stack([grads[n_layers + layer][0] for layer in range(n_layers)])
+    mid_branch = torch.stack([branch[n_layers - 1 - layer][0] for layer in range(n_layers)])
+    assert (mid_true - mid_branch).abs().max() > 0.1 * mid_true.abs().max()

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tl_reversed
 from conftest import LEGACY, make_tiny
-from tl_reversed.core import bounded, rows
+from tl_reversed.core import bounded, paths, rows
 from tl_reversed.core.architecture import EMBED, attn_hook, describe
 from tl_reversed.core.state import hook_count
 
@@ -215,7 +215,7 @@ def test_bounded_pass_keeps_no_attention_pattern_per_layer():
     assert _peak_square_tensors(5, "bounded") == _peak_square_tensors(2, "bounded")
 
 
-def test_auto_path_rule(monkeypatch):
+def test_auto_path_rule():
     spec = describe(make_tiny("llama"))
     assert bounded.standard_pattern_bytes(spec, 30, 2, 1000, torch.float32) == 2 * 30 * spec.n_heads * 1000**2 * 4
     big, small = bounded.BOUNDED_ABOVE_BYTES + 1, bounded.BOUNDED_ABOVE_BYTES
@@ -227,20 +227,29 @@ def test_auto_path_rule(monkeypatch):
     assert bounded.choose_path("bounded", "maps", None, 0) == "bounded"
 
     model = make_tiny("llama")
+    assert paths.threshold(model) == bounded.BOUNDED_ABOVE_BYTES
     seen = []
-    real = bounded.checkpointed_blocks
 
-    def spy(m):
-        seen.append(True)
-        return real(m)
+    def spy(x, hook):  # the bounded pass replaces the blocks' forward on this instance while it runs
+        seen.append("forward" in vars(model.blocks[0]))
 
-    monkeypatch.setattr("tl_reversed.core.reversed_attention.checkpointed_blocks", spy)
-    monkeypatch.setattr(bounded, "BOUNDED_ABOVE_BYTES", 0)
-    monkeypatch.setattr("tl_reversed.core.reversed_attention.choose_path", bounded.choose_path)
-    tl_reversed.reversed_attention(model, PROMPTS, TARGETS, keep="norms")
-    assert seen == [True]
+    probe = [(attn_hook(0, "v"), spy)]
+    tl_reversed.reversed_attention(model, PROMPTS, TARGETS, keep="norms", extra_hooks=probe)
+    assert seen and not any(seen)  # tiny prompts: far below 1 GiB of patterns
+    seen.clear()
+    with paths.bounded_above(model, 0):
+        assert paths.threshold(model) == 0 and paths.threshold(make_tiny("gpt2")) == bounded.BOUNDED_ABOVE_BYTES
+        tl_reversed.reversed_attention(model, PROMPTS, TARGETS, keep="norms", extra_hooks=probe)
+        assert seen and all(seen)
+        seen.clear()
+        tl_reversed.reversed_attention(model, PROMPTS, TARGETS, keep="maps", extra_hooks=probe)  # whole maps
+        assert seen and not any(seen)
+    assert paths.threshold(model) == bounded.BOUNDED_ABOVE_BYTES
     with pytest.raises(ValueError, match=r"path must be one of \('auto', 'standard', 'bounded'\), got 'fast'"):
         tl_reversed.reversed_attention(model, PROMPTS, TARGETS, path="fast")
+    with pytest.raises(ValueError, match="nbytes must be a non-negative integer"):
+        with paths.bounded_above(model, -1):
+            pass
 
 
 def test_bounded_pass_restores_the_model_after_an_error():

@@ -36,14 +36,28 @@ def test_notebook_install_cell_is_guarded_and_points_at_no_unconfirmed_url(path)
         assert "github.com" not in cell.source and "colab.research.google.com" not in cell.source
 
 
+SHORT = {"TL_REVERSED_DEMO_TOKENS": "256"}
+"""Parameters read from the environment by a notebook's ``parameters`` cell, set shorter in the tests
+(07_long_prompts: the haystack's length in tokens; its saved outputs are those of a 2k-token run)."""
+
+
 @pytest.mark.embedded
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient
+
+    for name, value in SHORT.items():
+        monkeypatch.setenv(name, value)  # the kernel inherits this process's environment
 
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
     assert any("image/png" in out.get("data", {}) for out in outputs), "a demo notebook should draw something"
+
+
+def test_long_prompt_notebook_reads_its_length_from_the_environment():
+    nb = nbformat.read(DEMOS / "07_long_prompts.ipynb", as_version=4)
+    params = [cell for cell in nb.cells if "parameters" in cell.metadata.get("tags", [])]
+    assert len(params) == 1 and 'os.environ.get("TL_REVERSED_DEMO_TOKENS", "2048")' in params[0].source

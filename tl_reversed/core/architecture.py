@@ -55,6 +55,21 @@ def block_hook(layer: int, name: str) -> str:
     return f"blocks.{layer}.hook_{name}"
 
 
+def block_of(name: str) -> int | None:
+    """The layer of a hook inside a block (``"blocks.3.attn.hook_z"`` -> 3); None outside the blocks."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+SQUARE_ATTN_HOOKS = ("pattern", "attn_scores")
+"""Attention hooks of ``[batch, head, query_pos, key_pos]``: tokens^2 per layer."""
+
+
+def is_square_attention(name: str) -> bool:
+    """Whether hook ``name`` is one of a layer's ``[head, query_pos, key_pos]`` tensors."""
+    return block_of(name) is not None and name.endswith(tuple(f".hook_{h}" for h in SQUARE_ATTN_HOOKS))
+
+
 FINAL_NORM = "ln_final.hook_normalized"
 """The final norm's normalised residual, before its elementwise weight (see ``final_norm``)."""
 
@@ -306,7 +321,8 @@ def _norm_affine(model: object, norm: torch.nn.Module) -> NormAffine:
     original = getattr(norm, "original_component", None)
     if original is None:
         raise TypeError(f"the norm {type(norm).__name__} wraps no Hugging Face module to read its weight from")
-    param = next(model.parameters())  # type: ignore[attr-defined]
+    own = next(original.parameters(), None)  # probe the norm on its own device (a split model's last)
+    param = own if own is not None else next(model.parameters())  # type: ignore[attr-defined]
     return _probe_norm_affine(original, d_model, param.dtype, param.device)
 
 
@@ -462,38 +478,3 @@ def hooks_at_unembed(names: Sequence[object]) -> bool:
     """
     return any(not isinstance(name, str) or name.startswith("unembed.") or name == "hook_unembed" for name in names)
 
-
-# --------------------------------------------------------------------------- segment masks
-_MASK_TAKING = {f"{p}AttentionBridge" for p in ("", "JointQKV", "PositionEmbeddings", "JointQKVPositionEmbeddings")}
-
-
-@dataclass(frozen=True)
-class MaskRoute:
-    """How a mask of our own reaches the attention (:mod:`tl_reversed.core.segments`); see :func:`mask_route`."""
-
-    kind: str
-    q_hook: str = "q"
-    k_hook: str = "k"
-    softcap: float | None = None
-
-
-def mask_route(model: object) -> MaskRoute:
-    """How to replace the model's attention mask, or ``TypeError`` saying why it cannot be replaced: ``"kwarg"``
-    (bridge): every ``blocks[l].attn`` takes a 4-D ``attention_mask`` ``[batch, 1, query, key]`` as the whole mask.
-    ``"scores"`` (HookedTransformer, which masks before ``hook_attn_scores``): recompute the scores there from
-    ``q_hook`` / ``k_hook`` (post-rotary), times ``describe(model).scales[l]``, soft-capped at ``softcap``."""
-    spec, cfg = describe(model), model.cfg  # type: ignore[attr-defined]
-    if spec.kind == "hooked":
-        if cfg.positional_embedding_type == "alibi" or getattr(cfg, "use_logn_attn", False):  # scores not from q.k alone
-            raise TypeError("segment masks are not supported on a HookedTransformer with ALiBi or log-n attention")
-        rot, cap = "rot_" if cfg.positional_embedding_type == "rotary" else "", getattr(cfg, "attn_scores_soft_cap", None)
-        return MaskRoute("scores", f"{rot}q", f"{rot}k", cap if cap and cap > 0 else None)
-    for layer, block in enumerate(model.blocks):  # type: ignore[attr-defined]
-        hf, owner = block.attn.original_component, type(block.attn).forward.__qualname__.split(".")[0]
-        impl = getattr(getattr(hf, "config", None), "_attn_implementation", None) or "eager"
-        own_mask = "bias" in dict(hf.named_buffers(recurse=False)) or not getattr(hf, "is_causal", False)
-        if owner not in _MASK_TAKING or (owner == "AttentionBridge" and (own_mask or impl not in ("eager", "sdpa"))):
-            raise TypeError(f"segment masks are not supported for layer {layer}'s attention ({type(block.attn).__name__} "
-                            f"over {type(hf).__name__}, {impl}): it takes no 4-D attention mask. Supported: the bridge's "
-                            "own attention (GPT-2, Llama, Gemma...), delegated eager/SDPA attention (OPT, GPT-J), HookedTransformer")
-    return MaskRoute("kwarg")

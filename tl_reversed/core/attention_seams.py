@@ -1,7 +1,8 @@
-"""Where each attention class computes its ``[T, T]`` scores, and the tiled attention put there.
+"""Where each attention class computes its ``[T, T]`` scores and takes its mask; the tiled attention put there.
 
-The architecture quirks of the memory-bounded pass (an extension of
-:mod:`tl_reversed.core.architecture`, kept apart for length). :func:`tiled_attention_on`
+The architecture quirks of attention itself (an extension of
+:mod:`tl_reversed.core.architecture`, kept apart for length): how the memory-bounded pass
+tiles it, and how a segment mask of our own reaches it (:func:`mask_route`). :func:`tiled_attention_on`
 makes every attention module of a model compute
 ``softmax(mask(cap(Q K^T c))) V`` with :class:`tl_reversed.core.tiled_attention.TiledAttention`
 instead of its eager scores and pattern, for the duration of a ``with`` block, on that
@@ -33,12 +34,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tl_reversed.core import rows as row_tiles
-from tl_reversed.core.architecture import attn_hook
+from tl_reversed.core.architecture import attn_hook, describe
 from tl_reversed.core.tiled_attention import TileObserver, causal_mask, tile_rows, tiled_attention
 
 
@@ -228,3 +230,39 @@ def refuse_whole_pattern_hooks(model: Any, extra_hooks: Sequence[tuple[object, o
             f"a whole pattern there and never fire, so {where} would do nothing. Patch attention at hook_z "
             "(einsum of the pattern change and hook_v), or call reversed_attention(..., path='standard')"
         )
+
+
+# --------------------------------------------------------------------------- segment masks
+_MASK_TAKING = {f"{p}AttentionBridge" for p in ("", "JointQKV", "PositionEmbeddings", "JointQKVPositionEmbeddings")}
+
+
+@dataclass(frozen=True)
+class MaskRoute:
+    """How a mask of our own reaches the attention (:mod:`tl_reversed.core.segments`); see :func:`mask_route`."""
+
+    kind: str
+    q_hook: str = "q"
+    k_hook: str = "k"
+    softcap: float | None = None
+
+
+def mask_route(model: object) -> MaskRoute:
+    """How to replace the model's attention mask, or ``TypeError`` saying why it cannot be replaced: ``"kwarg"``
+    (bridge): every ``blocks[l].attn`` takes a 4-D ``attention_mask`` ``[batch, 1, query, key]`` as the whole mask.
+    ``"scores"`` (HookedTransformer, which masks before ``hook_attn_scores``): recompute the scores there from
+    ``q_hook`` / ``k_hook`` (post-rotary), times ``describe(model).scales[l]``, soft-capped at ``softcap``."""
+    spec, cfg = describe(model), model.cfg  # type: ignore[attr-defined]
+    if spec.kind == "hooked":
+        if cfg.positional_embedding_type == "alibi" or getattr(cfg, "use_logn_attn", False):  # scores not from q.k alone
+            raise TypeError("segment masks are not supported on a HookedTransformer with ALiBi or log-n attention")
+        rot, cap = "rot_" if cfg.positional_embedding_type == "rotary" else "", getattr(cfg, "attn_scores_soft_cap", None)
+        return MaskRoute("scores", f"{rot}q", f"{rot}k", cap if cap and cap > 0 else None)
+    for layer, block in enumerate(model.blocks):  # type: ignore[attr-defined]
+        hf, owner = block.attn.original_component, type(block.attn).forward.__qualname__.split(".")[0]
+        impl = getattr(getattr(hf, "config", None), "_attn_implementation", None) or "eager"
+        own_mask = "bias" in dict(hf.named_buffers(recurse=False)) or not getattr(hf, "is_causal", False)
+        if owner not in _MASK_TAKING or (owner == "AttentionBridge" and (own_mask or impl not in ("eager", "sdpa"))):
+            raise TypeError(f"segment masks are not supported for layer {layer}'s attention ({type(block.attn).__name__} "
+                            f"over {type(hf).__name__}, {impl}): it takes no 4-D attention mask. Supported: the bridge's "
+                            "own attention (GPT-2, Llama, Gemma...), delegated eager/SDPA attention (OPT, GPT-J), HookedTransformer")
+    return MaskRoute("kwarg")

@@ -46,8 +46,29 @@ Hook = tuple[str, Callable]
 
 
 def model_device(model: Model) -> torch.device:
-    """The device of the model's first parameter (the one helper for it)."""
-    return next(model.parameters()).device
+    """The device the model takes its tokens on: its embedding's (the first parameter's where it has none).
+
+    A model split across devices (a TransformerBridge loaded with ``device_map`` or
+    ``n_devices``: accelerate places each block, and moves activations between them) has
+    no one device: hooks see each layer's tensors on that layer's device, the logits come
+    out on :func:`output_device`. Sinks work on the device of the tensors they are given
+    and gather their results on the CPU.
+    """
+    embed = getattr(model, "embed", None)
+    first = next(embed.parameters(), None) if isinstance(embed, torch.nn.Module) else None
+    return (first if first is not None else next(model.parameters())).device
+
+
+def output_device(model: Model) -> torch.device:
+    """The device of the unembedding (where the logits come out; the last block's on a split model)."""
+    unembed = getattr(model, "unembed", None)
+    last = next(unembed.parameters(), None) if isinstance(unembed, torch.nn.Module) else None
+    return (last if last is not None else next(model.parameters())).device
+
+
+def model_devices(model: Model) -> list[torch.device]:
+    """Every device holding some of the model's parameters (one, unless the model is split)."""
+    return sorted({p.device for p in model.parameters()}, key=str)
 
 
 @dataclass

@@ -150,18 +150,29 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def check_memory(estimate: int, device: torch.device | str, *, what: str, way_out: str) -> None:
+def check_memory(
+    estimate: int, device: torch.device | str | list[torch.device], *, what: str, way_out: str
+) -> None:
     """Raise :class:`WouldRunOutOfMemory` if ``estimate`` bytes exceed the memory available on ``device``.
 
+    ``device`` may be a list (a model split across devices, whose layers keep their
+    activations where they run): the estimate is then compared with the memory available
+    on all of them together, a rough check, since a split is rarely even.
     ``way_out`` names what to change (``keep="norms"``, a smaller ``batch_size``, a shorter
     prompt); it ends the message, after the estimate and the memory available.
     """
-    free, source = available_memory(device)
-    if free is None or estimate <= free:
+    devices = [torch.device(d) for d in (device if isinstance(device, list) else [device])]
+    found = [available_memory(d) for d in devices]
+    if any(free is None for free, _ in found):
         return
+    free = sum(int(f) for f, _ in found)  # type: ignore[arg-type]
+    if estimate <= free:
+        return
+    where = ", ".join(str(d) for d in devices)
+    source = ", ".join(sorted({s for _, s in found}))
     raise WouldRunOutOfMemory(
         f"{what} would need about {_gib(estimate)} at its peak (estimated from the model's shapes and the "
-        f"prompt length), but only {_gib(free)} is available on {torch.device(device)} ({source}): {way_out}; "
+        f"prompt length), but only {_gib(free)} is available on {where} ({source}): {way_out}; "
         "or pass memory_check=False to run it anyway"
     )
 
@@ -187,7 +198,7 @@ def check_pass(
     """Estimate the peak of a call over ``batch`` (a :class:`tl_reversed.core.inputs.Batch`) split into ``parts``.
 
     Raises :class:`WouldRunOutOfMemory` where it exceeds the memory available on the
-    model's device; returns the estimate in bytes otherwise.
+    model's device (its devices together, for a split model); returns the estimate in bytes otherwise.
     """
     shapes = Shapes.of(model)
     chunk = max(len(p) for p in parts)
@@ -208,5 +219,6 @@ def check_pass(
     if keep == "maps":
         maps = 4 * len(batch.tokens) * (kept_layers or shapes.n_layers) * shapes.n_heads * width**2 * 4  # type: ignore[attr-defined]
         way_out = f'use keep="norms" (the kept maps alone take {_gib(maps)}), or ' + way_out[4:]
-    check_memory(estimate, next(model.parameters()).device, what=what, way_out=way_out)
+    devices = sorted({p.device for p in model.parameters()}, key=str)  # several where the model is split
+    check_memory(estimate, devices if len(devices) > 1 else devices[0], what=what, way_out=way_out)
     return estimate

@@ -28,12 +28,11 @@ from tl_reversed.core.architecture import ModelSpec, attn_hook, describe, repeat
 from tl_reversed.core import memory
 from tl_reversed.core.checks import check_layers  # noqa: F401 (also imported from here)
 from tl_reversed.core.attention_seams import refuse_whole_pattern_hooks, tiled_attention_on, tiled_unsupported
-from tl_reversed.core.bounded import checkpointed_blocks, choose_path, standard_pattern_bytes
 from tl_reversed.core.engine import Chunk, Hook, Metric, run
 from tl_reversed.core.inputs import Batch, PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.options import KEEP, RA_PATHS, Keep, RAPath, check_option
 from tl_reversed.core.results import Result
-from tl_reversed.core.state import model_lock
+from tl_reversed.core.paths import pass_for, resolve_path
 from tl_reversed.core.rows import QueryPositions, TileReducer, query_rows, reduce_layer
 from tl_reversed.core.segments import SegmentSink, masked_by, prompt_ids, run_ids, unpad
 
@@ -270,11 +269,9 @@ class RASink:
         tiles: dict[int, TileReducer] | None = None,
     ):
         n, width = batch.tokens.shape
-        param = next(model.parameters())
         self.model, self.spec, self.layers, self.batch, self.keep = model, spec, layers, batch, keep
-        self.rows, self.gate, self.tiles = rows, gate, tiles
-        self.device = param.device
-        self.dtype = accumulation_dtype(param.dtype)
+        self.rows, self.gate, self.tiles = rows, gate, tiles  # each layer is reduced on its own device (a split model), gathered on the CPU
+        self.dtype = accumulation_dtype(next(model.parameters()).dtype)
         self.norms = torch.zeros(n, len(layers), spec.n_heads, dtype=self.dtype)
         self.pattern_norms = torch.zeros_like(self.norms)
         shape = (n, len(layers), spec.n_heads, width if rows is None else rows.shape[1], width)
@@ -418,7 +415,8 @@ def reversed_attention(
             ``hook_q``, ``hook_k``, ``hook_v``, ``hook_rot_q``/``hook_rot_k`` and ``hook_z``
             fire as usual. ``"auto"`` (default) takes the bounded path
             for norms or query rows when the patterns the standard pass would keep exceed
-            1 GiB (:data:`tl_reversed.core.bounded.BOUNDED_ABOVE_BYTES`). Both give the same RA.
+            1 GiB (:data:`tl_reversed.core.bounded.BOUNDED_ABOVE_BYTES`; per model:
+            :func:`tl_reversed.core.paths.bounded_above`). Both give the same RA.
         segments: run under a segment mask (MAS, :mod:`tl_reversed.core.segments`): one id per
             prompt token, ``[pos]`` or ``[batch, pos]`` right-padded with -1 (from ``tokenize_pieces``
             / ``tokenize_batch``; pass their tokens as ``prompts``, padding is dropped). Target tokens attend causally.
@@ -438,10 +436,9 @@ def reversed_attention(
         if path == "bounded":
             raise ValueError("path='bounded' does not run under a segment mask: use path='standard' (or 'auto')")
         path, seg = "standard", SegmentSink(run_ids(prompt_ids(segments, batch), batch.lengths))
-    per_pass = len(batch) if batch_size is None else min(len(batch), batch_size)
-    dtype = next(model.parameters()).dtype
-    estimate = standard_pattern_bytes(spec, spec.n_layers, per_pass, batch.tokens.shape[1], dtype)
-    if choose_path(path, keep, query_positions, estimate) == "standard":
+    chosen_path = resolve_path(model, spec, batch, path=path, keep=keep, query_positions=query_positions,
+                               batch_size=batch_size)  # fmt: skip
+    if chosen_path == "standard":
         if memory.enabled(memory_check):
             parts = batch.chunks(batch_size, same_length=metric is not None)
             memory.check_pass(model, batch, parts, what="reversed_attention", keep=keep, kept_layers=len(chosen),
@@ -462,9 +459,8 @@ def reversed_attention(
     if tiled:
         refuse_whole_pattern_hooks(model, extra_hooks)
     tiles: dict[int, TileReducer] = {}
-    # the lock: no other thread sees the swapped forwards
-    with model_lock(model), checkpointed_blocks(model) as state, tiled_attention_on(model, tiles) if tiled else nullcontext():
-        sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=state.recomputing, tiles=tiles if tiled else None)
+    with pass_for(model, "bounded") as gate, tiled_attention_on(model, tiles) if tiled else nullcontext():
+        sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=gate, tiles=tiles if tiled else None)
         run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
             progress=progress, desc="reversed attention")  # fmt: skip
     return sink.finish()

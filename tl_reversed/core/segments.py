@@ -25,7 +25,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_reversed.core.architecture import attn_hook, describe, mask_route, repeat_kv
+from tl_reversed.core.architecture import attn_hook, describe, repeat_kv
+from tl_reversed.core.attention_seams import mask_route
 from tl_reversed.core.inputs import Batch
 from tl_reversed.core.state import model_lock
 
@@ -304,7 +305,7 @@ def segment_attention(model: Any, ids: Int[Tensor, "batch pos"]) -> Iterator[Non
     ``ids`` is ``[pos]`` (every prompt of the batch) or ``[batch, pos]`` (right-padded, -1
     for padding, which no query sees). Training works too: nothing is frozen.
 
-    How (see :func:`tl_reversed.core.architecture.mask_route`): on a TransformerBridge a
+    How (see :func:`tl_reversed.core.attention_seams.mask_route`): on a TransformerBridge a
     forward pre-hook on each attention module hands it the 4-D mask as ``attention_mask``;
     on a HookedTransformer, which masks before ``hook_attn_scores``, the scores are
     recomputed there from the post-rotary q and k and masked. Every hook is removed on

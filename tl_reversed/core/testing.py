@@ -87,8 +87,17 @@ def tiny_model(
     n_ctx: int = 128,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device_map: dict[str, str] | None = None,
 ):
-    """A small random TransformerBridge (compatibility mode, eval mode) of one architecture."""
+    """A small random TransformerBridge (compatibility mode, eval mode) of one architecture.
+
+    ``device_map`` (Hugging Face module names -> devices) places the model with accelerate's
+    ``dispatch_model`` before the bridge wraps it, as ``boot_transformers(..., device_map=...)``
+    does for a hub model, with accelerate's device-moving hooks on every module
+    (``force_hooks``). TransformerLens 4.3 refuses its weight processing on such a model, so
+    it then gets ``enable_compatibility_mode(no_processing=True)`` (the same RA, the numbers
+    unfolded).
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     tokenizer = char_tokenizer()
@@ -97,12 +106,16 @@ def tiny_model(
         hf_model = _hf_model(arch, n_layers, d_model, n_heads, len(tokenizer), n_ctx)
     hf_model.config.architectures = [type(hf_model).__name__]
     hf_model = hf_model.to(dtype).eval()
+    if device_map is not None:
+        import accelerate
+
+        hf_model = accelerate.dispatch_model(hf_model, device_map=device_map, force_hooks=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(
             f"tiny-{arch}", hf_model=hf_model, tokenizer=tokenizer, dtype=dtype
         )
-        bridge.enable_compatibility_mode(disable_warnings=True)
+        bridge.enable_compatibility_mode(disable_warnings=True, no_processing=device_map is not None)
     return bridge.eval()
 
 

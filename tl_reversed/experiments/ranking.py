@@ -61,7 +61,7 @@ from torch import Tensor
 
 from tl_reversed.core.architecture import Model, ModelSpec, attn_hook, describe
 from tl_reversed.core.checks import optional_batch_size
-from tl_reversed.core.options import POSITIONS, Position, check_option
+from tl_reversed.core.options import POSITIONS, RA_PATHS, Position, RAPath, check_option
 from tl_reversed.core.results import Result
 from tl_reversed.core.engine import model_device, run
 from tl_reversed.core.inputs import Batch
@@ -87,6 +87,8 @@ class RankingContext:
         batch_size: examples per pass (``None``: all at once).
         position: ``"atp"``: ``"last"`` prompt token or ``"all"`` positions.
         progress: show a progress bar over the batches (``None``: when there is more than one).
+        path: ``"ra"``, ``"fa"``: the pass of :func:`~tl_reversed.core.reversed_attention.reversed_attention`
+            (``"auto"``, ``"standard"`` or ``"bounded"``; see :mod:`tl_reversed.core.paths`).
     """
 
     spec: ModelSpec
@@ -95,6 +97,7 @@ class RankingContext:
     batch_size: int | None = 32
     position: Position = "last"
     progress: bool | None = None
+    path: RAPath = "auto"
 
 
 RankingMethod = Callable[[Model, object, RankingContext], "HeadScores | Float[Tensor, 'layer head']"]
@@ -227,6 +230,7 @@ def head_scores(
     batch_size: int | None = 32,
     position: Position = "last",
     progress: bool | None = None,
+    path: RAPath = "auto",
 ) -> HeadScores:
     """Score every head for a task by one of the registered methods (:data:`METHODS`).
 
@@ -245,6 +249,10 @@ def head_scores(
         position: ``"atp"`` only: ``"last"`` prompt token or ``"all"`` positions.
         progress: show a progress bar over the batches (``None``: when there is more than
             one; see :mod:`tl_reversed.core.options`).
+        path: ``"ra"`` and ``"fa"`` only: ``"standard"`` (the model's own pass),
+            ``"bounded"`` (blocks checkpointed, one layer's attention alive at a time, for
+            long prompts) or ``"auto"`` (bounded above 1 GiB of stored patterns), as in
+            :func:`~tl_reversed.core.reversed_attention.reversed_attention`; the same scores.
 
     Returns:
         A :class:`HeadScores`.
@@ -252,9 +260,10 @@ def head_scores(
     if method not in _REGISTRY:
         raise ValueError(f"unknown ranking method {method!r}; choose one of {', '.join(_REGISTRY)}")
     check_option("position", position, POSITIONS)
+    check_option("path", path, RA_PATHS)
     batch_size = optional_batch_size(batch_size)
     spec = describe(model)
-    context = RankingContext(spec, corrupted, seed, batch_size, position, progress)
+    context = RankingContext(spec, corrupted, seed, batch_size, position, progress, path)
     start = time.perf_counter()
     out = _REGISTRY[method](model, examples, context)
     if isinstance(out, HeadScores):
@@ -281,7 +290,8 @@ def _attention_norms(model: Model, examples: object, context: RankingContext, me
 
     prompts, targets = as_prompts_targets(examples)
     result = reversed_attention(
-        model, prompts, targets, keep="norms", batch_size=context.batch_size, progress=context.progress
+        model, prompts, targets, keep="norms", batch_size=context.batch_size, progress=context.progress,
+        path=context.path,
     )
     norms = result.norms if method == "ra" else result.pattern_norms
     return HeadScores(norms.mean(0), method, n_examples=len(prompts), info={"loss": float(result.loss.mean())})

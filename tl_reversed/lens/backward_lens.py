@@ -63,16 +63,20 @@ from tl_reversed.core.engine import Metric, run
 from tl_reversed.core.inputs import PromptsLike, TargetsLike, tokenize
 from tl_reversed.core.options import (
     KEEP,
+    RA_PATHS,
     LENS_KEEP,
     PROJECTIONS,
     Keep,
     LensKeep,
     Matrix,
     Projection,
+    RAPath,
     Site,
     check_option,
 )
 from tl_reversed.core.checks import check_layer, check_layers
+from tl_reversed.core.rows import QueryPositions, query_rows
+from tl_reversed.core.paths import pass_for, resolve_path
 from tl_reversed.core.reversed_attention import RASink, accumulation_dtype, str_tokens
 from tl_reversed.lens.projection import ROWS_PER_CHUNK, Projector
 from tl_reversed.lens.results import BackwardLens, GradientRank, LensAndRA, TopTokens
@@ -118,6 +122,8 @@ def _run(
     extra_hooks: Sequence,
     ra_keep: Keep | None,
     memory_check: bool = True,
+    path: RAPath = "auto",
+    query_positions: QueryPositions = None,
 ) -> LensAndRA | BackwardLens:
     spec = describe(model)
     chosen = check_layers(layers, spec)
@@ -128,9 +134,14 @@ def _run(
         check_option("ra_keep", ra_keep, KEEP)
     if not isinstance(heads, bool):
         raise TypeError(f"heads must be True or False, got {heads!r}")
+    check_option("path", path, RA_PATHS)
     batch = tokenize(model, prompts, targets, spec, need_targets=metric is None, metric=metric is not None)
+    rows = query_rows(query_positions, batch)
     dtype = accumulation_dtype(next(model.parameters()).dtype)
-    if memory.enabled(memory_check):
+    # the lens keeps no map: only the RA it is asked for decides whether "auto" keeps the standard pass
+    chosen_path = resolve_path(model, spec, batch, path=path, keep=ra_keep or "norms", query_positions=query_positions,
+                               batch_size=batch_size)  # fmt: skip
+    if memory.enabled(memory_check) and chosen_path == "standard":  # the bounded pass keeps no layer's patterns
         n, width = batch.tokens.shape
         parts = batch.chunks(batch_size, same_length=metric is not None)
         memory.check_pass(model, batch, parts, what="the backward lens", keep=ra_keep or "norms",
@@ -140,10 +151,11 @@ def _run(
     projector = Projector(model, projection, top_k, dtype)
     lens_sink = LensSink(model, batch, sites=site_list, layers=chosen, n_heads=spec.n_heads, heads=heads, keep=keep,
                          projector=projector, with_rank=metric is None)  # fmt: skip
-    ra_sink = RASink(model, spec, chosen, batch, ra_keep) if ra_keep is not None else None
-    sinks = [lens_sink, *([ra_sink] if ra_sink is not None else [])]
-    loss = run(model, batch, sinks, metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
-               progress=progress, desc="backward lens")  # fmt: skip
+    with pass_for(model, chosen_path) as gate:
+        ra_sink = RASink(model, spec, chosen, batch, ra_keep, rows=rows, gate=gate) if ra_keep is not None else None
+        sinks = [lens_sink, *([ra_sink] if ra_sink is not None else [])]
+        loss = run(model, batch, sinks, metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+                   progress=progress, desc="backward lens")  # fmt: skip
     assert loss is not None
     out = lens_sink.finish()
     vocab = _vocab(model, out)
@@ -205,6 +217,7 @@ def backward_lens(
     progress: bool | None = None,
     extra_hooks: Sequence = (),
     memory_check: bool = True,
+    path: RAPath = "auto",
 ) -> BackwardLens:
     """The backward lens: each site's VJP at every layer and position, read in the vocabulary.
 
@@ -228,7 +241,13 @@ def backward_lens(
         extra_hooks: forward hooks that stay on during the pass, e.g. an attention patch.
         memory_check: estimate the peak memory first and raise
             :class:`~tl_reversed.core.memory.WouldRunOutOfMemory` before any pass where it exceeds the
-            memory available (see :mod:`tl_reversed.core.memory`); ``False`` skips the check.
+            memory available (see :mod:`tl_reversed.core.memory`); ``False`` skips the check
+            (on the standard path; the bounded pass keeps no layer's attention patterns).
+        path: ``"standard"``, ``"bounded"`` or ``"auto"``, as in
+            :func:`tl_reversed.core.reversed_attention.reversed_attention`: the bounded pass
+            checkpoints every block, so the lens's VJPs (linear in tokens) are all it keeps
+            besides one block's activations; ``"auto"`` takes it above 1 GiB of stored
+            patterns (:mod:`tl_reversed.core.paths`). Both give the same lens.
 
     Returns:
         A :class:`BackwardLens`. The update direction is ``-VJP``: ``toward`` tokens are
@@ -236,7 +255,7 @@ def backward_lens(
     """
     options = dict(sites=sites, metric=metric, layers=layers, heads=heads, top_k=top_k, projection=projection,
                    keep=keep, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks,
-                   memory_check=memory_check)  # fmt: skip
+                   memory_check=memory_check, path=path)  # fmt: skip
     return _run(model, prompts, targets, **options, ra_keep=None)  # type: ignore[return-value, arg-type]
 
 
@@ -257,16 +276,21 @@ def backward_lens_and_ra(
     progress: bool | None = None,
     extra_hooks: Sequence = (),
     memory_check: bool = True,
+    path: RAPath = "auto",
+    query_positions: QueryPositions = None,
 ) -> LensAndRA:
     """The backward lens and Reversed Attention from ONE forward and backward pass.
 
     Takes the arguments of :func:`backward_lens`, plus ``ra_keep`` (``"maps"`` or
-    ``"norms"``, as ``keep`` of :func:`tl_reversed.core.reversed_attention`). Returns
+    ``"norms"``) and ``query_positions`` (``"last"``, ``"targets"`` or a list: RA of those
+    query rows only), as ``keep`` and ``query_positions`` of
+    :func:`tl_reversed.core.reversed_attention`. ``path="auto"`` keeps whole RA maps on the
+    standard path and takes the bounded one for norms or rows of long prompts. Returns
     ``LensAndRA(lens, ra)``; both equal what the two separate calls give.
     """
     options = dict(sites=sites, metric=metric, layers=layers, heads=heads, top_k=top_k, projection=projection,
                    keep=keep, batch_size=batch_size, progress=progress, extra_hooks=extra_hooks,
-                   memory_check=memory_check)  # fmt: skip
+                   memory_check=memory_check, path=path, query_positions=query_positions)  # fmt: skip
     return _run(model, prompts, targets, **options, ra_keep=ra_keep)  # type: ignore[return-value, arg-type]
 
 

@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_reversed.core.architecture import FINAL_NORM, FINAL_NORM_SCALE, BlockWrites, ModelSpec, attn_hook, block_hook, final_logits, mlp_hook, repeat_kv
-from tl_reversed.core.engine import model_device
+from tl_reversed.core.engine import output_device
 from tl_reversed.core.inputs import Batch
 from tl_reversed.core.reversed_attention import ra_from_parts
 from tl_reversed.lens.flow_results import FlowGraph
@@ -187,8 +187,8 @@ def build_graph(model: torch.nn.Module, spec: ModelSpec, saved: dict, layers: li
     edge(previous[0], "final", "residual", previous[1], abs(float(previous[1] @ _unit(final_vec))), final_grad)
 
     stack = torch.stack(vectors)
-    param = next(model.parameters())
-    logits = final_logits(model, stack.to(model_device(model), param.dtype)).float().cpu()
+    dtype = next(model.parameters()).dtype
+    logits = final_logits(model, stack.to(output_device(model), dtype)).float().cpu()  # the final norm's device
     final = logits[-1]
     tracked = int(batch.targets[0][0]) if batch.targets[0].numel() else int(final.argmax())
     columns = nodes.columns | _forward_columns(model, logits, tracked, top_k)

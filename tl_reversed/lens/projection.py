@@ -30,10 +30,9 @@ class Projector:
     """Reads vectors of the residual stream in the vocabulary (see :mod:`tl_reversed.lens.backward_lens`)."""
 
     def __init__(self, model: torch.nn.Module, projection: str, top_k: int, dtype: torch.dtype):
-        param = next(model.parameters())
         self.norm: NormAffine = final_norm(model)
-        self.gain = self.norm.gain.to(param.device, dtype)
-        self.w_u = unembed_weight(model).to(param.device, dtype)
+        self.w_u = unembed_weight(model).to(dtype)  # on the unembedding's device (the last one of a split model)
+        self.gain = self.norm.gain.to(self.w_u.device, dtype)
         self.jacobian = projection == "jacobian"
         self.top_k = check_top_k(top_k, self.w_u.shape[1])
         self.d_model = self.gain.shape[0]

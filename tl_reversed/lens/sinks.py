@@ -18,8 +18,19 @@ from tl_reversed.core.inputs import Batch
 from tl_reversed.lens.projection import Projector, store_rows
 from tl_reversed.lens.results import TopTokens
 
+RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")
+"""Sites read by a gradient hook on the tensor itself (see :meth:`LensHooks._tensor_grad`)."""
+
+
 class LensHooks:
-    """Hooks that keep the VJPs of the chosen sites (and of ``hook_z``) during one chunk's pass."""
+    """Hooks that keep the VJPs of the chosen sites (and of ``hook_z``) during one chunk's pass.
+
+    The residual-stream sites are read by a hook on the tensor itself, registered in a
+    forward hook: its gradient is the VJP of the residual, whatever reads it afterwards.
+    A backward hook would see only what flows back through the hook point's output: on a
+    TransformerBridge ``hook_resid_mid`` is ``ln2.hook_in``, whose output feeds the MLP
+    branch alone while the residual also feeds the skip connection.
+    """
 
     def __init__(self, sites: list[str], layers: list[int], heads: bool, jacobian: bool):
         self.sites, self.layers, self.heads, self.jacobian = sites, layers, heads, jacobian
@@ -32,7 +43,10 @@ class LensHooks:
             fwd += [(FINAL_NORM, self._save(FINAL_NORM)), (FINAL_NORM_SCALE, self._save(FINAL_NORM_SCALE))]
         for layer in self.layers:
             for site in self.sites:
-                bwd.append((block_hook(layer, site), self._grad(site, layer)))
+                if site in RESIDUAL_SITES:
+                    fwd.append((block_hook(layer, site), self._tensor_grad(site, layer)))
+                else:
+                    bwd.append((block_hook(layer, site), self._grad(site, layer)))
             if self.heads:
                 bwd.append((attn_hook(layer, "z"), self._grad("z", layer)))
         return fwd, bwd
@@ -49,6 +63,14 @@ class LensHooks:
 
         return hook
 
+    def _tensor_grad(self, site: str, layer: int):
+        def hook(x: Tensor, hook: object) -> Tensor:
+            if x.requires_grad:  # (on the bounded pass, the recomputed copy's hook never fires: it is not differentiated)
+                x.register_hook(lambda grad: self.grads.__setitem__((site, layer), grad.detach()))
+            return x  # returned, so the model reads this very tensor on
+
+        return hook
+
     def check_fired(self) -> None:
         missing = [(site, layer) for layer in self.layers for site in self.sites if (site, layer) not in self.grads]
         if missing:
@@ -56,6 +78,12 @@ class LensHooks:
             raise TypeError(
                 f"the backward hook on {block_hook(layer, site)} never fired: this model does not carry "
                 "gradients through that hook point; choose other sites"
+            )
+        bad = [key for key, grad in self.grads.items() if not bool(torch.isfinite(grad).all())]
+        if bad:  # the engine checks the gradients of backward hooks; tensor hooks are checked here
+            raise FloatingPointError(
+                f"the gradient at {block_hook(bad[0][1], bad[0][0])} has NaN or inf entries: the model overflowed in "
+                "its dtype; run it in float32 (load_model(..., dtype=torch.float32)) or shorten the prompt"
             )
 
 
@@ -131,15 +159,15 @@ def fill(
     real = (torch.arange(w)[None, :] < sub.lengths[:, None]).to(device)  # [n, w]
     xhat = scale = None
     if projector.jacobian:
-        xhat = sink.final[FINAL_NORM].to(dtype).flatten(0, 1)
-        scale = sink.final[FINAL_NORM_SCALE].to(dtype).flatten()
+        xhat = sink.final[FINAL_NORM].to(device, dtype).flatten(0, 1)
+        scale = sink.final[FINAL_NORM_SCALE].to(device, dtype).flatten()
     target = None
     if out.top.target_rank is not None:
         first = torch.stack([t[0] for t in sub.targets]).to(device)
         target = einops.repeat(first, "b -> (b p)", p=w)
     for s, site in enumerate(sites):
         for j, layer in enumerate(layers):
-            g = sink.grads[(site, layer)].to(dtype) * real[..., None]  # [n, w, d_model]
+            g = sink.grads[(site, layer)].to(device, dtype) * real[..., None]  # [n, w, d_model], on the projector's device
             index = (idx, s, j, slice(0, w))
             norms = g.norm(dim=-1)
             out.norms[index] = norms.cpu()
@@ -158,7 +186,7 @@ def fill(
         return
     for j, layer in enumerate(layers):
         w_o = model.blocks[layer].attn.W_O.detach().to(device, dtype)  # type: ignore[index]
-        dz = sink.grads[("z", layer)].to(dtype)
+        dz = sink.grads[("z", layer)].to(device, dtype)
         mapped = einops.einsum(dz, w_o, "b p h d, h d m -> b h p m") * real[:, None, :, None]
         index = (idx, j, slice(None), slice(0, w))
         norms = mapped.norm(dim=-1)
