@@ -14,7 +14,8 @@ import sys
 from tl_reversed import __version__
 from tl_reversed.commands.common import CommandError
 
-COMMANDS = ("heads", "demo", "lens", "graph", "perturbation", "patching", "apply-patch", "tasks", "accuracy", "sparsity")
+COMMANDS = ("heads", "demo", "lens", "graph", "perturbation", "patching", "apply-patch", "tasks", "accuracy",
+            "sparsity", "segments")
 """Subcommands; each module (the name with ``_`` for ``-``) has ``add_parser(subparsers)`` and ``run(args) -> int``."""
 
 
