@@ -190,6 +190,31 @@ def test_prediction_is_read_after_the_prompt_not_after_the_target_prefix(capsys,
 # ----------------------------------------------------------------------------- embedded model
 
 
+def test_repeated_shots_and_tasks_count_once(capsys, tiny_cli):
+    from tl_reversed.commands.cli import build_parser
+    from tl_reversed.commands.common import int_list
+
+    assert int_list("1,0,1,5,0") == [1, 0, 5]
+    args = build_parser().parse_args(["sparsity", "--task", "capitalize", "--shots", "1,1", "--out", "x"])
+    assert args.shots == [1]
+    # the tiny character-level model drops every prompt (no one-token targets): accuracy nan, n 0
+    argv = ["accuracy", "--task", "capitalize", "--task", "capitalize", "--shots", "1,0,1", "--n", "3", "--csv"]
+    assert main(argv) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert table[["task", "shots", "n"]].values.tolist() == [["capitalize", 1, 0], ["capitalize", 0, 0]]
+    assert main(["accuracy", "--task", "capitalize", "--shots", "1,1", "--n", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["shots", "1"]
+
+
+def test_sparsity_without_any_test_prompt_is_one_line(capsys, tiny_cli, tmp_path):
+    assert main(["sparsity", "--task", "capitalize", "--shots", "0,1", "--n", "3", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err  # after the progress bar's lines
+    assert "Traceback" not in err and err.splitlines()[-1] == (
+        "tl-reversed sparsity: error: no test prompts for tasks ['capitalize'] at shots [0, 1]: 542 were dropped "
+        "because their target is not one token of this model; choose other tasks or another model"
+    )
+
+
 @pytest.fixture
 def embedded_cli(monkeypatch, embedded_model):
     """Commands get the session's embedded model instead of loading it again."""

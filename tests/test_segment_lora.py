@@ -79,6 +79,21 @@ def test_lora_starts_as_a_no_op(tiny):
         assert torch.equal(masked_logits(adapted, tokens, allowed), base)
 
 
+def test_add_lora_seeds_its_own_adapters_and_leaves_every_global_generator_alone(tiny, monkeypatch):
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)  # what torch.manual_seed would call
+    state = torch.get_rng_state()
+    first, again, other = (sl.add_lora(hf_copy(tiny), rank=4, seed=seed) for seed in (3, 3, 4))
+    assert torch.equal(torch.get_rng_state(), state) and reseeded == []
+
+    def lora_a(model):
+        return [p for n, p in model.named_parameters() if "lora_A" in n]
+
+    assert len(lora_a(first)) > 0
+    assert all(torch.equal(a, b) for a, b in zip(lora_a(first), lora_a(again)))
+    assert not any(torch.equal(a, b) for a, b in zip(lora_a(first), lora_a(other)))
+
+
 @pytest.fixture(scope="module")
 def sharp():
     """A tiny model whose unembedding is 20x larger: the random one's logits span well under one nat,
@@ -185,6 +200,31 @@ def test_clear_errors(tiny):
         sl.segment_examples("antonym")
     with pytest.raises(TypeError, match="wraps no Hugging Face model"):
         hf_copy(torch.nn.Linear(2, 2))
+
+
+def test_a_missing_peft_is_a_clear_import_error_before_any_work(tiny, train, monkeypatch, capsys, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # what an environment without peft gives: import raises ImportError
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work began before peft was found missing")
+
+    monkeypatch.setattr(sl, "hf_copy", no_work)
+    monkeypatch.setattr(sl, "check_mask", no_work)
+    monkeypatch.setattr(tl_reversed, "load_model", no_work)
+    message = r'LoRA under segment masks needs peft: pip install "tl_reversed\[segments\]"'
+    with pytest.raises(ImportError, match=message):
+        sl.train_segment_lora(tiny, train, steps=1)
+    with pytest.raises(ImportError, match=message):
+        sl.add_lora(torch.nn.Linear(2, 2))
+    with pytest.raises(ImportError, match=message):
+        sl.SegmentLoRA.load(tiny, tmp_path)
+    out = tmp_path / "segments"
+    assert main(["segments", "train", "--tasks", TASK, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == 'tl-reversed segments: error: LoRA under segment masks needs peft: pip install "tl_reversed[segments]"\n'
+    assert not out.exists()
 
 
 def test_cli_train_eval_end_to_end(tiny, tmp_path, monkeypatch, capsys):

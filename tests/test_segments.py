@@ -393,6 +393,26 @@ def test_ra_under_the_mask_records_the_segments_and_refuses_the_bounded_path(tmp
         tl_reversed.reversed_attention(model, prompts[0][None], [" ok"], segments=ids[0, :5])
 
 
+def test_describe_head_names_a_later_key_of_the_querys_segment():
+    """Under a segment mask the largest |RA| of a row can sit after the query: describe_head reports it."""
+    model = make_tiny("llama")
+    tokens, ids = tokenize_pieces(model, ["Be kind.", " Why"])  # query 3 sees keys 0..8 (segment 0)
+    result = tl_reversed.reversed_attention(model, tokens[None], [" ok"], segments=ids, query_positions=[3])
+    words = result.str_tokens[0]
+    found = []
+    for head in range(result.maps.shape[2]):
+        row = result.head(0, head)[0]
+        key = int(row.abs().argmax())
+        if key > 3:
+            assert key <= 8 and (row[9:] == 0).all()
+            description = result.describe_head(0, head, k=1)
+            assert description["query_pos"] == 3
+            side = description["pushed_up"] if row[key] < 0 else description["pushed_down"]
+            assert side == [(words[key], float(row[key]))]
+            found.append(head)
+    assert found  # this tiny model has such heads (heads 2 with key 4 when measured)
+
+
 @pytest.mark.bridge  # the views alone: one model class is enough
 def test_plots_and_page_of_ra_under_the_mask_show_the_segments():
     model = make_tiny("llama")

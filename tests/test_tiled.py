@@ -81,6 +81,58 @@ def test_tile_reducer_gives_what_reduce_layer_gives(kept):
         torch.testing.assert_close(got[name], want[name], atol=1e-12, rtol=0)
 
 
+class _Patterns:
+    """An observer that keeps the pattern tiles the backward recomputes."""
+
+    def __init__(self):
+        self.tiles: list[torch.Tensor] = []
+
+    def add(self, start, pattern, grad_pattern, grad_out, values):
+        self.tiles.append(pattern)
+
+    def finish(self):
+        pass
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_backward_recomputes_the_forwards_pattern(dtype, softcap):
+    """Large logits (|scores| up to ~35) in bf16/fp16: the backward's pattern is the forward's.
+
+    The forward makes the scores in the model dtype and saves their log-sum-exp; a backward
+    that recomputed them in float32 used another pattern (rows summed to 0.94-1.09 in bf16).
+    The reference is float64 attention on the model's own half-precision scores (their
+    rounding passed straight through to the gradient). The output and the gradients are
+    rounded to the dtype and the forward rounds the pattern before ``@ V``, so they may
+    differ from it by about one ``eps`` of the dtype relative to their largest entry: 1.5 eps
+    allowed (measured 0.8-1.1 eps after the fix, 1.8-4.7 eps before).
+    """
+    gen = torch.Generator().manual_seed(0)
+    width, scale = 40, 0.25
+    q = (torch.randn(2, 4, width, 16, generator=gen) * 2.5).to(dtype).requires_grad_()
+    k = (torch.randn(2, 2, width, 16, generator=gen) * 2.5).to(dtype).requires_grad_()
+    v = torch.randn(2, 2, width, 16, generator=gen).to(dtype).requires_grad_()
+    observer = _Patterns()
+    out = tiled_attention(q, k, v, scale, softcap=softcap, tile=7, observer=observer)
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    sums = torch.cat([tile.sum(-1).flatten() for tile in observer.tiles])
+    assert sums.numel() == 2 * 4 * width
+    torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
+
+    keys, values = (x.repeat_interleave(2, dim=1) for x in (k, v))
+    model_scores = q @ keys.transpose(-1, -2) * scale  # in the model dtype, as the eager bridge
+    exact = q.double() @ keys.double().transpose(-1, -2) * scale
+    if softcap is not None:
+        model_scores, exact = (torch.tanh(x / softcap) * softcap for x in (model_scores, exact))
+    scores = exact + (model_scores.double() - exact).detach()
+    want = causal_mask(scores, 0, width).softmax(-1) @ values.double()
+    expected = torch.autograd.grad(want, (q, k, v), grad.double())
+    eps = torch.finfo(dtype).eps
+    for a, b in zip((out, *got), (want, *expected)):
+        assert (a.double() - b).abs().max() <= 1.5 * eps * b.abs().max()
+
+
 def _attention_state(model) -> tuple:
     return hook_count(model), [name for block in model.blocks for name in vars(block.attn) if name in SEAM_NAMES]
 
@@ -142,6 +194,24 @@ def test_bounded_pass_never_holds_a_layers_attention_pattern(arch, monkeypatch):
     # saved for the backward: the model's one mask (each checkpointed block keeps its inputs), nothing else
     assert {shape[1] for shape, _ in saved} <= {1} and len({storage for _, storage in saved}) <= 1
     assert probe.tile_rows == {7, tokens % 7}  # every head-sized tensor over the keys is one query tile
+
+
+@pytest.mark.bridge
+def test_a_model_left_in_training_mode_with_attention_dropout_still_runs_in_tiles(monkeypatch):
+    """The pass runs in eval mode (dropout off), so a model in train() takes the tiles too, and stays in train()."""
+    model = make_tiny("llama")
+    for block in model.blocks:
+        block.attn.original_component.attention_dropout = 0.5
+    tokens = model.to_tokens(PROMPTS[0]).shape[1] + 3
+    monkeypatch.setattr(rows, "TILE_ELEMENTS", 7 * describe(model).n_heads * tokens)
+    evaluated = tl_reversed.reversed_attention(model, PROMPTS[0], " dog", keep="norms", path="bounded")
+    model.train()
+    assert tiled_unsupported(model) == "layer 0: it is in training mode with attention dropout"
+    probe, _ = _probe(model, "bounded", tokens)
+    assert [s for s in probe.squares if s[1] != 1] == [] and probe.tile_rows == {7, tokens % 7}
+    assert all(m.training for m in model.modules()) and model.blocks[0].attn.original_component.training
+    trained = tl_reversed.reversed_attention(model, PROMPTS[0], " dog", keep="norms", path="bounded")
+    torch.testing.assert_close(trained.norms, evaluated.norms, atol=0, rtol=0)  # no dropout in the pass
 
 
 @pytest.mark.bridge

@@ -3,6 +3,7 @@
 The prompt is cut into segments; during prefill every token attends to its whole
 segment and to the earlier ones, and generation continues causally::
 
+    import tl_reversed
     from tl_reversed import segments
 
     tokens, ids = segments.tokenize_pieces(model, ["You are terse.", " Name a colour:"])

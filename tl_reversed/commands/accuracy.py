@@ -66,7 +66,7 @@ def accuracy_table(model, tasks: list[str], shots: list[int], *, n: int, seed: i
 def run(args: argparse.Namespace) -> int:
     from tl_reversed.experiments.tasks import list_tasks, load_task
 
-    tasks = [load_task(name).name for name in args.task] if args.task else list_tasks()
+    tasks = list(dict.fromkeys(load_task(name).name for name in args.task)) if args.task else list_tasks()
     out = writable_folder(args.out) if args.out else None
     model = load_cli_model(args)
     table = accuracy_table(model, tasks, args.shots, n=args.n, seed=args.seed, batch_size=args.batch_size)

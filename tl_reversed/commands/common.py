@@ -117,14 +117,14 @@ def predicted_next(model, prompt: str) -> str:
 
 
 def int_list(text: str) -> list[int]:
-    """``"0,1,5"`` -> ``[0, 1, 5]`` (argparse type)."""
+    """``"0,1,5"`` -> ``[0, 1, 5]`` (argparse type); a repeated value counts once (``"1,1"`` -> ``[1]``)."""
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,5, got {text!r}") from None
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected non-negative integers like 0,1,5, got {text!r}")
-    return values
+    return list(dict.fromkeys(values))
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

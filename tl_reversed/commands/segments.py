@@ -92,6 +92,9 @@ def adapter_folder(out: Path, task: str, mask: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tl_reversed.experiments.segment_lora import require_peft
+
+    require_peft()  # before any work: a clear ImportError, one line on the command line
     tasks = _check_tasks(args.tasks)
     out = writable_folder(args.out)
     if args.action == "train":

@@ -48,14 +48,20 @@ def sparsity_table(model, tasks: list[str], shots: list[int], *, n: int, seed: i
     from tl_reversed.experiments.sparsity import sparsity
     from tl_reversed.experiments.tasks import make_examples
 
-    frames = []
+    frames, dropped = [], 0
     for task in tqdm(tasks, desc="sparsity", unit="task"):
         for k in shots:
             examples = make_examples(task, shots=k, n=n, seed=seed, split="test", model=model)
+            dropped += examples.dropped
             if not len(examples):
                 continue
             ra = reversed_attention(model, examples.prompts, examples.targets, keep="maps", batch_size=batch_size, progress=False)
             frames.append(sparsity(ra).summary().assign(task=task, shots=k, n=len(examples)))
+    if not frames:
+        raise ValueError(
+            f"no test prompts for tasks {tasks} at shots {shots}: {dropped} were dropped because their target is "
+            "not one token of this model; choose other tasks or another model"
+        )
     table = pd.concat(frames, ignore_index=True)
     return table[["task", "shots", "n", *[c for c in table.columns if c not in ("task", "shots", "n")]]]
 
@@ -63,7 +69,7 @@ def sparsity_table(model, tasks: list[str], shots: list[int], *, n: int, seed: i
 def run(args: argparse.Namespace) -> int:
     from tl_reversed.experiments.tasks import load_task
 
-    tasks = [load_task(name).name for name in args.task]
+    tasks = list(dict.fromkeys(load_task(name).name for name in args.task))  # a repeated task counts once
     out = writable_folder(args.out)
     model = load_cli_model(args)
     table = sparsity_table(model, tasks, args.shots, n=args.n, seed=args.seed, batch_size=args.batch_size)

@@ -62,7 +62,7 @@ def block_of(name: str) -> int | None:
 
 
 SQUARE_ATTN_HOOKS = ("pattern", "attn_scores")
-"""Attention hooks of ``[batch, head, query_pos, key_pos]``: tokens^2 per layer."""
+"""Attention hooks of ``[batch, head, query_pos, key_pos]``: tokens^2 per layer (they never fire in tiles)."""
 
 
 def is_square_attention(name: str) -> bool:

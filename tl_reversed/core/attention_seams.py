@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from tl_reversed.core import rows as row_tiles
-from tl_reversed.core.architecture import attn_hook, describe
+from tl_reversed.core.architecture import SQUARE_ATTN_HOOKS, attn_hook, describe
 from tl_reversed.core.tiled_attention import TileObserver, causal_mask, tile_rows, tiled_attention
 
 
@@ -209,10 +209,6 @@ def tiled_attention_on(model: Any, observers: Mapping[int, TileObserver]) -> Ite
                 vars(attn).pop(name, None)
 
 
-WHOLE_PATTERN_HOOKS = ("pattern", "attn_scores")
-"""Attention hooks that hold a whole ``[batch, head, T, T]`` tensor: they never fire in tiles."""
-
-
 def refuse_whole_pattern_hooks(model: Any, extra_hooks: Sequence[tuple[object, object]]) -> None:
     """Raise ``ValueError`` where a hook would wait on ``hook_pattern`` / ``hook_attn_scores`` in tiles.
 
@@ -220,7 +216,7 @@ def refuse_whole_pattern_hooks(model: Any, extra_hooks: Sequence[tuple[object, o
     patch or a probe placed there would silently do nothing: the caller's ``extra_hooks``
     (names, or name filters) and hooks left on the model are both checked.
     """
-    names = [attn_hook(layer, name) for layer in range(len(model.blocks)) for name in WHOLE_PATTERN_HOOKS]
+    names = [attn_hook(layer, name) for layer in range(len(model.blocks)) for name in SQUARE_ATTN_HOOKS]
     asked = [n for hook_name, _ in extra_hooks for n in names if (hook_name == n if isinstance(hook_name, str) else hook_name(n))]
     left = [n for n in names if n in model.hook_dict and len(getattr(model.hook_dict[n], "_forward_hooks", {}))]
     if asked or left:

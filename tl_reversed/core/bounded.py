@@ -11,7 +11,8 @@ scoped to the model at hand (:func:`checkpointed_blocks`):
 * backward: when the gradient reaches block ``l``, the block is recomputed from its
   input, and its backward runs on the recomputed activations.
 
-Where the model's attention can take it (GPT-2, Llama, Gemma 3 and the other
+In :func:`tl_reversed.reversed_attention` (and ``head_scores("ra" | "fa")``, which call
+it), where the model's attention can take it (GPT-2, Llama, Gemma 3 and the other
 ``PositionEmbeddingsAttentionBridge`` models under the TransformerBridge; see
 :mod:`tl_reversed.core.attention_seams`), attention itself runs in query tiles
 (:mod:`tl_reversed.core.tiled_attention`): no layer's ``[head, T, T]`` scores or pattern
@@ -26,7 +27,9 @@ which Hugging Face builds once per forward for all layers (4 bytes per entry: 25
 them is refused.
 
 Elsewhere (attention the bridge delegates to Hugging Face: OPT, GPT-J, GPT-Neo; the
-HookedTransformer of TransformerLens 2.x/3.x) the recomputed block runs the model's own
+HookedTransformer of TransformerLens 2.x/3.x), and on the bounded pass of every other
+entry point on every model (``cache_with_grads``, the backward lens and
+``backward_lens_and_ra``: they run no tiles), the recomputed block runs the model's own
 eager attention: only then do the RA sink's forward hooks keep ``hook_pattern`` and
 ``hook_v`` of layer ``l`` (the ``gate``), and the backward hook on ``hook_z`` reduces them,
 a query tile at a time (:func:`tl_reversed.core.rows.reduce_layer`). One layer's

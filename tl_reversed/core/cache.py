@@ -119,8 +119,11 @@ def cache_with_grads(
     ``cache.reversed_attention`` and :func:`ra_from_cache` returns them. ``path``
     (``"auto"``, ``"standard"``, ``"bounded"``) chooses the pass as there; on the bounded
     pass ``names_filter`` cannot name ``hook_pattern`` or ``hook_attn_scores`` (the
-    ``tokens^2`` tensors it avoids keeping). Prompts in one call must tokenize to one
-    length (run one prompt per call otherwise).
+    ``tokens^2`` tensors it avoids keeping). Unlike ``reversed_attention``, this bounded
+    pass does not run attention in query tiles: every model's recomputed block runs its
+    eager attention, so one layer's ``[batch, head, T, T]`` scores and pattern exist while
+    that block is recomputed (one layer at a time, not every layer's). Prompts in one call
+    must tokenize to one length (run one prompt per call otherwise).
     """
     from transformer_lens import ActivationCache
 

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tl_reversed.core.engine import model_devices
+
 PATTERN_COPIES = 2.42
 """``[batch, head, query, key]`` tensors each layer keeps for the backward pass (fitted, see the module docstring)."""
 ACTIVATION_FLOATS = 20.6
@@ -219,6 +221,6 @@ def check_pass(
     if keep == "maps":
         maps = 4 * len(batch.tokens) * (kept_layers or shapes.n_layers) * shapes.n_heads * width**2 * 4  # type: ignore[attr-defined]
         way_out = f'use keep="norms" (the kept maps alone take {_gib(maps)}), or ' + way_out[4:]
-    devices = sorted({p.device for p in model.parameters()}, key=str)  # several where the model is split
+    devices = model_devices(model)  # several where the model is split
     check_memory(estimate, devices if len(devices) > 1 else devices[0], what=what, way_out=way_out)
     return estimate

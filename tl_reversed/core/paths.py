@@ -10,6 +10,10 @@ lens (:func:`tl_reversed.backward_lens`, :func:`tl_reversed.backward_lens_and_ra
 * ``"bounded"``: every block checkpointed, one block recomputed at a time in the
   backward (:mod:`tl_reversed.core.bounded`); sinks that keep a layer's forward tensors
   keep them only while that block is recomputed (the ``gate`` :func:`pass_for` yields).
+  Only ``reversed_attention`` (and ``head_scores``, through it) also runs attention in
+  query tiles where the model allows it (no ``[head, T, T]`` tensor at any moment); the
+  other entry points recompute a block with its eager attention, so one layer's
+  ``[batch, head, T, T]`` pattern exists at a time.
 * ``"auto"``: one rule for every entry point (:func:`tl_reversed.core.bounded.choose_path`):
   the bounded pass for norms, query rows or lens vectors when the patterns the standard
   pass would keep for one chunk exceed a threshold (1 GiB,

@@ -35,6 +35,7 @@ from tl_reversed.core.results import Result
 from tl_reversed.core.paths import pass_for, resolve_path
 from tl_reversed.core.rows import QueryPositions, TileReducer, query_rows, reduce_layer
 from tl_reversed.core.segments import SegmentSink, masked_by, prompt_ids, run_ids, unpad
+from tl_reversed.core.state import untouched
 
 
 def ra_from_parts(
@@ -183,15 +184,16 @@ class ReversedAttention(Result):
         dominant row are the keys the step attends to more ("up"), the most positive the
         keys it attends to less ("down"). Entries smaller than ``min_share`` times the
         row's largest magnitude are left out (noise, not a push). With ``query_positions``
-        the dominant row is chosen among the kept rows.
+        the dominant row is chosen among the kept rows. Under a segment mask the keys after
+        the query that its segment allows count like the ones before it.
         """
         ra = self.head(layer, head, example)
         tokens = self.str_tokens[self._example(example)]
         positions = self.rows(example)
         index = int(ra.norm(dim=-1).argmax())
         row = positions[index]
-        values = ra[index, : row + 1]
-        k = min(k, row + 1)
+        values = ra[index]  # the whole row: a segment mask lets a query see later keys of its segment
+        k = min(k, values.numel())  # keys the mask hides are exactly 0, below any floor
         up = values.argsort()[:k].tolist()
         down = values.argsort(descending=True)[:k].tolist()
         floor = min_share * float(values.abs().max())
@@ -455,14 +457,15 @@ def reversed_attention(
         result.segments = prompt_ids(segments, batch).cpu()
         return result
     # the bounded path keeps one layer's activations at a time: the standard estimate does not apply
-    tiled = tiled_unsupported(model) is None
-    if tiled:
-        refuse_whole_pattern_hooks(model, extra_hooks)
-    tiles: dict[int, TileReducer] = {}
-    with pass_for(model, "bounded") as gate, tiled_attention_on(model, tiles) if tiled else nullcontext():
-        sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=gate, tiles=tiles if tiled else None)
-        run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
-            progress=progress, desc="reversed attention")  # fmt: skip
+    with untouched(model):  # the pass runs in eval mode: decide the tiles in eval terms (no attention dropout)
+        tiled = tiled_unsupported(model) is None
+        if tiled:
+            refuse_whole_pattern_hooks(model, extra_hooks)
+        tiles: dict[int, TileReducer] = {}
+        with pass_for(model, "bounded") as gate, tiled_attention_on(model, tiles) if tiled else nullcontext():
+            sink = RASink(model, spec, chosen, batch, keep, rows=rows, gate=gate, tiles=tiles if tiled else None)
+            run(model, batch, [sink], metric=metric, batch_size=batch_size, extra_hooks=extra_hooks,
+                progress=progress, desc="reversed attention")  # fmt: skip
     return sink.finish()
 
 

@@ -152,8 +152,9 @@ class TileReducer:
     """One layer's RA reduced tile by tile from the pattern and ``dL/dA`` the tiled backward hands over.
 
     The same numbers as :func:`reduce_layer` (norms of real tokens, maps or kept rows),
-    from ``add(start, pattern, grad_pattern)`` calls of query rows ``start:start + tile``
-    (``[batch, head, tile, key_pos]``, see :mod:`tl_reversed.core.tiled_attention`);
+    from ``add(start, pattern, grad_pattern, grad_out, values)`` calls of query rows
+    ``start:start + tile`` (pattern and ``dL/dA`` ``[batch, head, tile, key_pos]``, the tile's
+    ``dZ`` and the per-head values; see :mod:`tl_reversed.core.tiled_attention`);
     ``finish()`` passes the dict :func:`reduce_layer` returns to ``done``. Where
     :meth:`take_grad` was given the gradient at ``hook_z`` and it differs from the
     attention output's (an edit at ``hook_z``), ``dL/dA`` is rebuilt from it.

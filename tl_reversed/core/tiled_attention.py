@@ -23,8 +23,10 @@ and hands ``A`` and ``G`` of the tile (with ``dZ`` and ``V``) to an observer (:c
 which turns them into RA (``A * (G - rowsum(A * G)) * c``) norms and kept rows: RA is
 reduced from the very tiles the backward needs anyway.
 
-Pure PyTorch, exact to the eager computation up to float rounding; the softmax runs in
-float32 for half-precision models (float64 stays float64), as the eager bridge does.
+Pure PyTorch, exact to the eager computation up to float rounding; the scores are made in
+the model dtype (forward and backward alike, so the backward's pattern is the one whose
+``lse`` the forward saved) and the softmax runs in float32 for half-precision models
+(float64 stays float64), as the eager bridge does.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ class TiledAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         n_heads, width = q.shape[1], q.shape[2]
         dtype = _softmax_dtype(q.dtype)
-        keys, values = _expand(k, n_heads).to(dtype), _expand(v, n_heads).to(dtype)
+        model_keys = _expand(k, n_heads)  # the scores are recomputed in the model dtype, as the forward made them
+        keys, values = model_keys.to(dtype), _expand(v, n_heads).to(dtype)
         grad_out = grad_out.contiguous()
         delta = (grad_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)  # rowsum(dZ * Z) = rowsum(A * G)
         grad_q = torch.empty_like(q)
@@ -116,7 +119,7 @@ class TiledAttention(torch.autograd.Function):
         for start in range(0, width, ctx.tile):
             stop = min(width, start + ctx.tile)
             q_tile = q[:, :, start:stop]
-            scores, capped = _scores(q_tile.to(dtype), keys, ctx.scale, ctx.softcap)
+            scores, capped = _scores(q_tile, model_keys, ctx.scale, ctx.softcap)
             scores = ctx.mask(scores, start, stop).to(dtype)
             pattern = _nan_to_zero((scores - lse[:, :, start:stop, None]).exp())
             d_out = grad_out[:, :, start:stop].to(dtype)

@@ -249,9 +249,10 @@ def head_scores(
         position: ``"atp"`` only: ``"last"`` prompt token or ``"all"`` positions.
         progress: show a progress bar over the batches (``None``: when there is more than
             one; see :mod:`tl_reversed.core.options`).
-        path: ``"ra"`` and ``"fa"`` only: ``"standard"`` (the model's own pass),
-            ``"bounded"`` (blocks checkpointed, one layer's attention alive at a time, for
-            long prompts) or ``"auto"`` (bounded above 1 GiB of stored patterns), as in
+        path: ``"ra"`` and ``"fa"`` only (the other methods ignore it): ``"standard"``
+            (the model's own pass), ``"bounded"`` (blocks checkpointed, attention in query
+            tiles where the model allows it, else one layer's attention alive at a time;
+            for long prompts) or ``"auto"`` (bounded above 1 GiB of stored patterns), as in
             :func:`~tl_reversed.core.reversed_attention.reversed_attention`; the same scores.
 
     Returns:

@@ -203,6 +203,7 @@ class SegmentLoRA:
     @classmethod
     def load(cls, model, folder: str | Path) -> SegmentLoRA:
         """The adapter saved in ``folder``, on a fresh copy of ``model`` (the model it was trained from)."""
+        require_peft()
         from peft import PeftModel
 
         folder = Path(folder)
@@ -241,6 +242,14 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     return out
 
 
+def require_peft() -> None:
+    """Raise a clear ``ImportError`` where ``peft`` (the ``segments`` extra) is not installed."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ImportError('LoRA under segment masks needs peft: pip install "tl_reversed[segments]"') from None
+
+
 @contextmanager
 def _quiet_peft() -> Iterator[None]:
     """Silence, for this block only, the deprecation warning peft 0.21 triggers in transformers 5."""
@@ -255,12 +264,13 @@ def add_lora(hf_model, *, rank: int = 8, alpha: float = 16.0, seed: int = 0, tar
     peft's default initialisation: ``A`` random (seeded here, the global generator untouched),
     ``B`` zero, so the adapted model starts exactly at the base model.
     """
+    require_peft()
     from peft import LoraConfig, get_peft_model
 
     targets = tuple(targets) if targets is not None else attention_projections(hf_model)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
-    with torch.random.fork_rng(devices=[]), _quiet_peft():
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]), _quiet_peft():  # peft initialises on the CPU, then moves
+        torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds every CUDA device too
         try:
             return get_peft_model(hf_model, config)
         except ValueError as error:
@@ -300,6 +310,7 @@ def train_segment_lora(
     """
     from tqdm.auto import tqdm
 
+    require_peft()
     mask = check_mask(mask)
     if steps < 1 or batch_size < 1 or not examples:
         raise ValueError(f"need steps >= 1, batch_size >= 1 and examples; got {steps}, {batch_size}, {len(examples)} examples")

@@ -242,12 +242,16 @@ def backward_lens(
         memory_check: estimate the peak memory first and raise
             :class:`~tl_reversed.core.memory.WouldRunOutOfMemory` before any pass where it exceeds the
             memory available (see :mod:`tl_reversed.core.memory`); ``False`` skips the check
-            (on the standard path; the bounded pass keeps no layer's attention patterns).
+            (on the standard path; the bounded pass keeps one layer's attention pattern at a
+            time, not every layer's).
         path: ``"standard"``, ``"bounded"`` or ``"auto"``, as in
             :func:`tl_reversed.core.reversed_attention.reversed_attention`: the bounded pass
             checkpoints every block, so the lens's VJPs (linear in tokens) are all it keeps
             besides one block's activations; ``"auto"`` takes it above 1 GiB of stored
-            patterns (:mod:`tl_reversed.core.paths`). Both give the same lens.
+            patterns (:mod:`tl_reversed.core.paths`). Both give the same lens. Unlike
+            ``reversed_attention``, it does not run attention in query tiles: the recomputed
+            block runs its eager attention, so one layer's ``[batch, head, T, T]`` scores and
+            pattern exist while that block is recomputed (one layer at a time).
 
     Returns:
         A :class:`BackwardLens`. The update direction is ``-VJP``: ``toward`` tokens are
