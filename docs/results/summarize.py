@@ -144,11 +144,11 @@ def perturbation() -> tuple[str, str]:
     for (task, shots), part in frame.groupby(["task", "shots"], sort=False):
         part = part.set_index("method")
         row: list[object] = [task, shots, f"{part['accuracy_all_heads'].iloc[0]:.2f}"]
-        for m in methods:
-            row.append(f"{part.loc[m, 'auc']:.2f} / {part.loc[m, 'auc_reverse']:.2f}")
+        for m in methods:  # a method added to only some tables (atp0) is "-" elsewhere
+            row.append(f"{part.loc[m, 'auc']:.2f} / {part.loc[m, 'auc_reverse']:.2f}" if m in part.index else "-")
         best_own = part["auc"].round(3).max()
         for m in methods:
-            wins[m][0] += int(round(part.loc[m, "auc"], 3) == best_own and part["accuracy_all_heads"].iloc[0] >= 0.1)
+            wins[m][0] += int(m in part.index and round(part.loc[m, "auc"], 3) == best_own and part["accuracy_all_heads"].iloc[0] >= 0.1)
         rows.append(row)
     header = ["task", "shots", "acc. all heads"] + [f"{NAMES.get(m, m)} ↑ / ↓" for m in methods]
     # the method summary counts only tests where the model gets something right (else every curve is 0)
@@ -159,7 +159,7 @@ def perturbation() -> tuple[str, str]:
         mine = informative[informative["method"] == m]
         summary_rows.append(
             [
-                NAMES.get(m, m),
+                NAMES.get(m, m) + ("" if len(mine) == n_tests else f" ({len(mine)} tests)"),
                 f"{mine['auc'].mean():.3f}",
                 f"{mine['auc_reverse'].mean():.3f}",
                 f"{(mine['auc'] - mine['auc_reverse']).mean():.3f}",
