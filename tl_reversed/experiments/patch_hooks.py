@@ -161,7 +161,7 @@ class MeanMaps:
 
     def metric(self, logits: Tensor, tokens: Tensor) -> Tensor:
         assert self._ra is not None
-        return _first_token_loss(self._ra.batch.target)(logits, tokens)
+        return first_token_loss(self._ra.batch, logits)
 
     def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
         self._ra = RASink(self.model, self.spec, list(range(self.spec.n_layers)), chunk.batch, "maps")
@@ -181,14 +181,10 @@ class MeanMaps:
         return AttentionMaps(self.total / self.n, self.source, self.length, self.n, self.loss / self.n)
 
 
-def _first_token_loss(target: Tensor):
-    """Metric: cross-entropy of each row's first target token at the last prompt token."""
-
-    def metric(logits: Tensor, tokens: Tensor) -> Tensor:
-        logprobs = logits[:, -1].float().log_softmax(-1)
-        return -logprobs.gather(-1, target.to(logits.device)[:, None])[:, 0]
-
-    return metric
+def first_token_loss(batch: Batch, logits: Tensor) -> Tensor:
+    """Cross-entropy of each row's first target token at its last prompt token (``batch.last``)."""
+    rows = logits[torch.arange(len(batch)), batch.last.to(logits.device)].float().log_softmax(-1)
+    return -rows.gather(-1, batch.target.to(logits.device)[:, None])[:, 0]
 
 
 def _as_tensor(maps: object) -> Float[Tensor, "layer head query_pos key_pos"]:

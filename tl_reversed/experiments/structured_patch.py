@@ -52,7 +52,7 @@ from tl_reversed.core.options import SOURCES, Source, check_option
 from tl_reversed.core.reversed_attention import RASink
 from tl_reversed.core.results import Result
 from tl_reversed.experiments.evaluation import Answers, correct, prompt_batch
-from tl_reversed.experiments.patch_hooks import head_mask, head_norm_frame, stash_v
+from tl_reversed.experiments.patch_hooks import first_token_loss, head_mask, head_norm_frame, stash_v
 from tl_reversed.experiments.tasks import Segment, prompt_segments
 
 PAPER_LR_BY_SOURCE = {"ra": -30.0, "fa": 1.0}
@@ -227,9 +227,7 @@ class _CellMaps:
 
     def metric(self, logits: Tensor, tokens: Tensor) -> Tensor:
         assert self._ra is not None
-        batch = self._ra.batch
-        rows = logits[torch.arange(len(batch)), batch.last.to(logits.device)].float().log_softmax(-1)
-        return -rows.gather(-1, batch.target.to(logits.device)[:, None])[:, 0]
+        return first_token_loss(self._ra.batch, logits)
 
     def hooks(self, chunk: Chunk) -> tuple[list[Hook], list[Hook]]:
         self._ra = RASink(self.model, self.spec, list(range(self.spec.n_layers)), chunk.batch, "maps")
