@@ -43,3 +43,15 @@ def make_tiny(arch: str = "llama", dtype: torch.dtype = torch.float32, n_layers:
 def tiny():
     """A tiny Llama-style model with grouped-query attention."""
     return make_tiny("llama")
+
+
+def model_state(model) -> tuple:
+    """What a call must leave as it found: hooks, requires_grad, grads, no instance ``forward`` on a block."""
+    from tl_reversed.core.state import hook_count
+
+    return (
+        hook_count(model),
+        [p.requires_grad for p in model.parameters()],
+        [p.grad for p in model.parameters()],
+        [name for block in model.blocks for name in vars(block) if name == "forward"],
+    )

@@ -13,10 +13,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tl_reversed
-from conftest import LEGACY, make_tiny
+from conftest import LEGACY, make_tiny, model_state
 from tl_reversed.core import bounded, paths, rows
 from tl_reversed.core.architecture import EMBED, attn_hook, describe
-from tl_reversed.core.state import hook_count
 
 PROMPTS = ["The cat sat on the mat and looked at the", "A dog ran"]
 TARGETS = [" door", " far"]
@@ -26,15 +25,6 @@ ARCHS = ["llama", "gpt2"] if LEGACY else ["gpt2", "llama", "gemma3", "opt", "gpt
 def _text(n_chars: int) -> str:
     words = "the quick brown fox jumps over a lazy dog while seven owls watch quietly "
     return (words * (n_chars // len(words) + 1))[:n_chars]
-
-
-def _untouched(model) -> tuple:
-    return (
-        hook_count(model),
-        [p.requires_grad for p in model.parameters()],
-        [p.grad for p in model.parameters()],
-        [name for block in model.blocks for name in vars(block) if name == "forward"],
-    )
 
 
 # --------------------------------------------------------------------------- query rows
@@ -86,10 +76,10 @@ def test_targets_rows_pad_shorter_examples_with_minus_one():
 )
 def test_query_positions_errors_leave_the_model_as_found(query_positions, error, message):
     model = make_tiny("llama")
-    before = _untouched(model)
+    before = model_state(model)
     with pytest.raises(error, match=message):
         tl_reversed.reversed_attention(model, PROMPTS, TARGETS, query_positions=query_positions)
-    assert _untouched(model) == before
+    assert model_state(model) == before
 
 
 def test_targets_rows_need_targets():
@@ -136,7 +126,7 @@ def test_bounded_pass_equals_the_standard_pass(arch, n_chars, monkeypatch):
     n_heads = describe(model).n_heads
     width = n_chars + 4  # BOS, prompt, target minus its last token
     monkeypatch.setattr(rows, "TILE_ELEMENTS", 7 * 2 * n_heads * width)  # query tiles of 7 rows, not dividing width
-    before = _untouched(model)
+    before = model_state(model)
     for keep, query_positions in [("norms", None), ("maps", "targets"), ("maps", None)]:
         standard = tl_reversed.reversed_attention(
             model, prompts, targets, keep=keep, query_positions=query_positions, path="standard"
@@ -148,7 +138,7 @@ def test_bounded_pass_equals_the_standard_pass(arch, n_chars, monkeypatch):
         if keep == "maps":
             torch.testing.assert_close(bound.maps, standard.maps, atol=1e-5, rtol=1e-5)
     assert standard.maps.shape[-1] == width
-    assert _untouched(model) == before
+    assert model_state(model) == before
 
 
 def test_bounded_pass_matches_finite_differences_in_float64():
@@ -254,14 +244,14 @@ def test_auto_path_rule():
 
 def test_bounded_pass_restores_the_model_after_an_error():
     model = make_tiny("llama")
-    before = _untouched(model)
+    before = model_state(model)
 
     def bad_metric(logits, tokens):
         raise RuntimeError("metric failed")
 
     with pytest.raises(RuntimeError, match="metric failed"):
         tl_reversed.reversed_attention(model, "A cat sat", metric=bad_metric, keep="norms", path="bounded")
-    assert _untouched(model) == before
+    assert model_state(model) == before
     plain = tl_reversed.reversed_attention(model, PROMPTS, TARGETS, keep="norms", path="standard")
     assert torch.isfinite(plain.norms).all()
 

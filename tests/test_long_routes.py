@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import tl_reversed
-from conftest import LEGACY, make_tiny
+from conftest import LEGACY, make_tiny, model_state
 from tl_reversed.core import paths
 from tl_reversed.core.architecture import attn_hook, block_hook
-from tl_reversed.core.state import hook_count
 from tl_reversed.experiments.ranking import head_scores
 
 pytestmark = pytest.mark.skipif(LEGACY, reason="bridge models (the legacy run covers reversed_attention in test_long)")
@@ -24,15 +23,6 @@ pytestmark = pytest.mark.skipif(LEGACY, reason="bridge models (the legacy run co
 PROMPTS = ["The cat sat on the mat and looked at the", "A dog ran"]
 TARGETS = [" door", " far"]
 SITES = ["resid_pre", "attn_out", "mlp_out", "resid_post"]
-
-
-def _untouched(model) -> tuple:
-    return (
-        hook_count(model),
-        [p.requires_grad for p in model.parameters()],
-        [p.grad for p in model.parameters()],
-        [name for block in model.blocks for name in vars(block) if name == "forward"],
-    )
 
 
 class _PathProbe:
@@ -65,7 +55,7 @@ class _PathProbe:
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3", "opt", "gptj"])
 def test_lens_and_ra_on_the_bounded_pass_equal_the_standard_pass(arch):
     model = make_tiny(arch)
-    before = _untouched(model)
+    before = model_state(model)
     out = {}
     for path in ("standard", "bounded"):
         out[path] = tl_reversed.backward_lens_and_ra(
@@ -84,7 +74,7 @@ def test_lens_and_ra_on_the_bounded_pass_equal_the_standard_pass(arch):
     for i in range(len(PROMPTS)):
         rows, n = bnd.ra.rows(i), int(whole.lengths[i])
         torch.testing.assert_close(bnd.ra.maps[i, :, :, : len(rows), :n], whole.maps[i][:, :, rows, :n], atol=1e-5, rtol=1e-5)
-    assert _untouched(model) == before
+    assert model_state(model) == before
 
 
 def test_lens_auto_path_follows_the_models_threshold():
@@ -140,7 +130,7 @@ def test_cache_with_ra_norms_and_rows_on_both_paths(arch):
     prompts, targets = ["The cat sat on the", "A dog ran over the"], [" mat", " car"]
     names = [block_hook(0, "resid_post"), attn_hook(1, "z")]
     whole = tl_reversed.reversed_attention(model, prompts, targets, path="standard")
-    before = _untouched(model)
+    before = model_state(model)
     caches = {}
     for path in ("standard", "bounded"):
         caches[path] = tl_reversed.cache_with_grads(model, prompts, targets, names_filter=names, keep="norms", path=path)
@@ -158,13 +148,13 @@ def test_cache_with_ra_norms_and_rows_on_both_paths(arch):
         one = tl_reversed.ra_from_cache(cache, layers=[1])
         assert one.layers == [1]
         torch.testing.assert_close(one.norms[:, 0], whole.norms[:, 1], atol=1e-5, rtol=1e-5)
-    assert _untouched(model) == before
+    assert model_state(model) == before
 
 
 def test_cache_auto_path_and_what_the_bounded_pass_refuses():
     model = make_tiny("llama")
     probe = _PathProbe(model)
-    before = _untouched(model)
+    before = model_state(model)
     with probe.hooks(), paths.bounded_above(model, 0):
         full = tl_reversed.cache_with_grads(model, "The cat sat", " on")  # whole maps: the standard pass
         assert probe.path() == "standard" and attn_hook(1, "pattern") in full.keys()
@@ -179,4 +169,4 @@ def test_cache_auto_path_and_what_the_bounded_pass_refuses():
         )
     with pytest.raises(ValueError, match=r"keep must be one of \('maps', 'norms'\), got 'vectors'"):
         tl_reversed.cache_with_grads(model, "The cat sat", " on", keep="vectors")
-    assert _untouched(model) == before
+    assert model_state(model) == before
