@@ -138,6 +138,9 @@ def test_sparse_patches_keep_only_the_top_heads(model):
     result = sparse_patching(model, patch, examples(WORDS), fractions=(0.125, 1.0))
     assert result.n_heads == [1, 8]
     assert result.accuracy[1] == float(structured_accuracy(model, patch, examples(WORDS)).mean())
+    line, unpatched = result.plot().axes[0].lines  # the figure draws the result's own numbers
+    assert list(line.get_xdata()) == [1, 8] and list(line.get_ydata()) == result.accuracy
+    assert list(unpatched.get_ydata()) == [result.original] * 2
     # the same-length hooks take the same arguments
     same = average_maps(model, examples(WORDS[:3]))
     assert len(attention_patch_hooks(model, same, -30.0, top_k=0.5)) == len(attention_patch_hooks(model, same, -30.0))

@@ -1,6 +1,8 @@
 """Collect the per-task CSVs under docs/results/ into the summary tables of README.md.
 
     python docs/results/summarize.py          # prints Markdown to paste into README.md
+
+It also draws ``patching-structured/steps.png``: accuracy per step of iterative patching.
 """
 
 from __future__ import annotations
@@ -118,6 +120,47 @@ def structured(folder: str = "patching-structured", model: str = "smollm2") -> t
     return table(header, rows), goal
 
 
+def steps_figure(folder: str = "patching-structured", model: str = "smollm2", shots: int = 0) -> Path | None:
+    """Accuracy after each step of iterative RA patching (``*_iterative.csv``) for the tasks whose
+    5-shot accuracy is at least 0.3: left raw, right as a share of the 5-shot accuracy (goal: 0.9).
+    The step chosen on the training loss is circled. Writes ``folder/steps.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted((HERE / folder).glob("*_iterative.csv"))
+    acc_file = HERE / "accuracy" / model / "accuracy.csv"
+    if not files or not acc_file.exists():
+        return None
+    acc = pd.read_csv(acc_file)
+    five = dict(zip(acc[acc["shots"] == 5]["task"], acc[acc["shots"] == 5]["accuracy"]))
+    steps = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    tables = pd.concat([pd.read_csv(f) for f in sorted((HERE / folder).glob("*_patching.csv"))], ignore_index=True)
+    chosen = {r.task: int(r.iterative_chosen_step) for r in tables[tables["shots"] == shots].itertuples()}
+    fig, (raw, share) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for task in ordered(tables[tables["shots"] == shots])["task"]:
+        if five.get(task, 0) < 0.3:
+            continue
+        part = steps[(steps["task"] == task) & (steps["shots"] == shots)].sort_values("step")
+        (line,) = raw.plot(part["step"], part["accuracy"], marker=".", label=f"{task} (5-shot {five[task]:.2f})")
+        share.plot(part["step"], part["accuracy"] / five[task], marker=".", color=line.get_color())
+        at = part[part["step"] == chosen[task]]["accuracy"]
+        for ax, y in ((raw, at), (share, at / five[task])):
+            ax.plot([chosen[task]], y, "o", markersize=9, fillstyle="none", color=line.get_color())
+    share.axhline(0.9, color="grey", linestyle="--", label="goal: 90% of 5-shot")
+    raw.set(xlabel="step", ylabel=f"top-1 accuracy, {shots}-shot test prompts", ylim=(-0.02, 1.02))
+    share.set(xlabel="step", ylabel="share of the model's own 5-shot accuracy")
+    raw.legend(fontsize="x-small", ncol=2)
+    share.legend(fontsize="small")
+    fig.suptitle(f"Iterative RA patching (lr -10, steps chosen on the training loss: circled), {MODELS[model]}")
+    fig.tight_layout()
+    out = HERE / folder / "steps.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def patching() -> str:
     files = sorted((HERE / "patching").glob("*_patching.csv"))
     if not files:
@@ -185,6 +228,9 @@ if __name__ == "__main__":
     print(full_structured)
     print()
     print(goal)
+    figure = steps_figure()
+    if figure is not None:
+        print(f"\n![accuracy per step]({figure.relative_to(HERE)})")
     print("\n## Patching\n")
     print(patching())
     full, wins = perturbation()

@@ -359,6 +359,22 @@ class SparsePatching(Result):
             original=self.original, lr=self.lr
         )
 
+    def plot(self, ax=None, **kwargs):
+        """Test accuracy against the number of patched heads (log scale), the unpatched model dashed; returns the Figure."""
+        from tl_reversed.views.plotting import figure_and_axes
+
+        fig, ax = figure_and_axes(ax, (5, 3.5))
+        ax.plot(self.n_heads, self.accuracy, marker="o", label=f"top heads patched, lr {self.lr:g}", **kwargs)
+        for n, k, acc in zip(self.n_heads, self.fractions, self.accuracy):
+            ax.annotate(f"{k:.0%}", (n, acc), textcoords="offset points", xytext=(0, 6), ha="center", fontsize="small")
+        ax.axhline(self.original, color="grey", linestyle="--", label="unpatched")
+        ax.set_xscale("log")
+        ax.set_xlabel("heads patched (top by patch norm)")
+        ax.set_ylabel("top-1 accuracy, every test length")
+        ax.set_ylim(-0.02, 1.08)
+        ax.legend(fontsize="small")
+        return fig
+
 
 def sparse_patching(
     model: Model,
