@@ -2,7 +2,7 @@
 
     python docs/results/summarize.py          # prints Markdown to paste into README.md
 
-It also draws ``patching-structured/steps.png``: accuracy per step of iterative patching.
+It also draws ``patching-structured[/<model>]/steps.png``: accuracy per step of iterative patching.
 """
 
 from __future__ import annotations
@@ -58,20 +58,31 @@ def informative_tasks(model: str = "smollm2", shots: int = 5, floor: float = 0.3
     return frame[(frame["shots"] == shots) & (frame["accuracy"] >= floor)]["task"].tolist()
 
 
+def folders(kind: str, model: str) -> list[Path]:
+    """Result folders of one kind (``perturbation``, ``patching-structured``) for one model: the
+    top-level folders hold SmolLM2's tables, ``<kind>/<model>/`` another model's."""
+    kinds = ["perturbation", "perturbation-5shot"] if kind == "perturbation" else [kind]
+    return [HERE / k if model == "smollm2" else HERE / k / model for k in kinds]
+
+
 def agreement() -> str:
-    """Spearman and Recall@K of each ranking against CM1, from every ``*_agreement.csv``."""
-    files = sorted(HERE.glob("perturbation*/*_agreement.csv"))
-    if not files:
+    """Spearman and Recall@K of each ranking against CM1, from every ``*_agreement.csv``, per model."""
+    rows, recalls = [], []
+    for model, name in MODELS.items():
+        files = sorted(f for folder in folders("perturbation", model) for f in folder.glob("*_agreement.csv"))
+        if not files:
+            continue
+        frame = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+        recalls = [c for c in frame.columns if c.startswith("recall@")]
+        mine = []
+        for method, part in frame.groupby("method", sort=False):
+            mine.append([name, NAMES.get(method, method), len(part), f"{part['spearman'].mean():.2f}",
+                         f"{part['spearman'].min():.2f} to {part['spearman'].max():.2f}",
+                         *[f"{part[c].mean():.2f}" for c in recalls]])  # fmt: skip
+        rows += sorted(mine, key=lambda r: -float(r[3]) if r[3] != "nan" else 2.0)
+    if not rows:
         return "(no agreement tables yet)"
-    frame = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
-    recalls = [c for c in frame.columns if c.startswith("recall@")]
-    rows = []
-    for method, part in frame.groupby("method", sort=False):
-        rows.append([NAMES.get(method, method), len(part), f"{part['spearman'].mean():.2f}",
-                     f"{part['spearman'].min():.2f} to {part['spearman'].max():.2f}",
-                     *[f"{part[c].mean():.2f}" for c in recalls]])  # fmt: skip
-    rows.sort(key=lambda r: -float(r[2]))
-    return table(["method", "tests", "mean Spearman with CM1", "range", *[f"mean {c}" for c in recalls]], rows)
+    return table(["model", "method", "tests", "mean Spearman with CM1", "range", *[f"mean {c}" for c in recalls]], rows)
 
 
 def sparsity() -> str:
@@ -91,9 +102,9 @@ def sparsity() -> str:
     return table(["model", "measure", "tests", "RA sparser: (prompt, head) pairs", "RA sparser: heads", "RA mean", "FA mean"], rows)
 
 
-def structured(folder: str = "patching-structured", model: str = "smollm2") -> tuple[str, str]:
+def structured(model: str = "smollm2") -> tuple[str, str]:
     """Structured patching per task and shot count, and the 90%-of-5-shot goal at 0 shots."""
-    files = sorted((HERE / folder).glob("*_patching.csv"))
+    files = sorted(folders("patching-structured", model)[0].glob("*_patching.csv"))
     if not files:
         return "(no structured patching results yet)", ""
     frame = ordered(pd.concat([pd.read_csv(f) for f in files], ignore_index=True))
@@ -120,25 +131,26 @@ def structured(folder: str = "patching-structured", model: str = "smollm2") -> t
     return table(header, rows), goal
 
 
-def steps_figure(folder: str = "patching-structured", model: str = "smollm2", shots: int = 0) -> Path | None:
+def steps_figure(model: str = "smollm2", shots: int = 0) -> Path | None:
     """Accuracy after each step of iterative RA patching (``*_iterative.csv``) for the tasks whose
     5-shot accuracy is at least 0.3: left raw, right as a share of the 5-shot accuracy (goal: 0.9).
-    The step chosen on the training loss is circled. Writes ``folder/steps.png``."""
+    The step chosen on the training loss is circled. Writes ``steps.png`` beside the tables."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = sorted((HERE / folder).glob("*_iterative.csv"))
+    folder = folders("patching-structured", model)[0]
+    files = sorted(folder.glob("*_iterative.csv"))
     acc_file = HERE / "accuracy" / model / "accuracy.csv"
     if not files or not acc_file.exists():
         return None
     acc = pd.read_csv(acc_file)
     five = dict(zip(acc[acc["shots"] == 5]["task"], acc[acc["shots"] == 5]["accuracy"]))
     steps = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
-    tables = pd.concat([pd.read_csv(f) for f in sorted((HERE / folder).glob("*_patching.csv"))], ignore_index=True)
+    tables = pd.concat([pd.read_csv(f) for f in sorted(folder.glob("*_patching.csv"))], ignore_index=True)
     chosen = {r.task: int(r.iterative_chosen_step) for r in tables[tables["shots"] == shots].itertuples()}
-    fig, (raw, share) = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    fig, (raw, share) = plt.subplots(1, 2, figsize=(11, 5.2), sharex=True)
     for task in ordered(tables[tables["shots"] == shots])["task"]:
         if five.get(task, 0) < 0.3:
             continue
@@ -151,11 +163,11 @@ def steps_figure(folder: str = "patching-structured", model: str = "smollm2", sh
     share.axhline(0.9, color="grey", linestyle="--", label="goal: 90% of 5-shot")
     raw.set(xlabel="step", ylabel=f"top-1 accuracy, {shots}-shot test prompts", ylim=(-0.02, 1.02))
     share.set(xlabel="step", ylabel="share of the model's own 5-shot accuracy")
-    raw.legend(fontsize="x-small", ncol=2)
     share.legend(fontsize="small")
-    fig.suptitle(f"Iterative RA patching (lr -10, steps chosen on the training loss: circled), {MODELS[model]}")
-    fig.tight_layout()
-    out = HERE / folder / "steps.png"
+    fig.legend(*raw.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize="small")
+    fig.suptitle(f"Iterative RA patching on test prompts of one length (lr -10; circled: the step chosen on the training loss), {MODELS[model]}")
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
+    out = folder / "steps.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -177,8 +189,8 @@ def patching() -> str:
     return table(header, rows)
 
 
-def perturbation() -> tuple[str, str]:
-    files = sorted((HERE / "perturbation").glob("*_auc.csv")) + sorted((HERE / "perturbation-5shot").glob("*_auc.csv"))
+def perturbation(model: str = "smollm2") -> tuple[str, str]:
+    files = [f for folder in folders("perturbation", model) for f in sorted(folder.glob("*_auc.csv"))]
     if not files:
         return "(no perturbation results yet)", ""
     frame = ordered(pd.concat([pd.read_csv(f) for f in files], ignore_index=True))
@@ -223,18 +235,20 @@ if __name__ == "__main__":
     print(agreement())
     print("\n## Sparsity\n")
     print(sparsity())
-    full_structured, goal = structured()
-    print("\n## Structured patching\n")
-    print(full_structured)
-    print()
-    print(goal)
-    figure = steps_figure()
-    if figure is not None:
-        print(f"\n![accuracy per step]({figure.relative_to(HERE)})")
+    for model, name in MODELS.items():
+        full_structured, goal = structured(model)
+        print(f"\n## Structured patching: {name}\n")
+        print(full_structured)
+        print()
+        print(goal)
+        figure = steps_figure(model)
+        if figure is not None:
+            print(f"\n![accuracy per step]({figure.relative_to(HERE)})")
     print("\n## Patching\n")
     print(patching())
-    full, wins = perturbation()
-    print("\n## Perturbation\n")
-    print(full)
-    print()
-    print(wins)
+    for model, name in MODELS.items():
+        full, wins = perturbation(model)
+        print(f"\n## Perturbation: {name}\n")
+        print(full)
+        print()
+        print(wins)
