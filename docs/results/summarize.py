@@ -14,7 +14,9 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 TASK_ORDER = [
     "capitalize", "present-past", "singular-plural", "capitalize_first_letter", "country-capital", "antonym",
-    "choose_middle_of_3", "person-sport", "landmark_in_country", "verb_past_tense",
+    "choose_middle_of_3", "person-sport", "landmark_in_country", "verb_past_tense", "adjective_v_verb_3",
+    "animal_v_object_3", "alphabetically_first_3", "product_by_company", "country_capital_city", "english-french",
+    "landmark-country", "person_plays_pro_sport",
 ]  # fmt: skip
 NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP", "atp0": "AtP0", "random": "Random", "index": "Index"}
 MODELS = {"smollm2": "SmolLM2-135M", "gemma-3-270m": "Gemma 3 270M"}
@@ -27,7 +29,7 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 
 def ordered(frame: pd.DataFrame) -> pd.DataFrame:
     rank = {t: i for i, t in enumerate(TASK_ORDER)}
-    return frame.sort_values(["task", "shots"], key=lambda c: c.map(lambda t: rank.get(t, len(rank))) if c.name == "task" else c)
+    return frame.sort_values(["task", "shots"], kind="stable", key=lambda c: c.map(lambda t: rank.get(t, len(rank))) if c.name == "task" else c)
 
 
 def accuracy() -> str:
