@@ -51,6 +51,15 @@ def accuracy() -> str:
     return table(header, rows) + f"\n\n({sizes}.)"
 
 
+def five_shot(model: str) -> dict[str, float]:
+    """Each task's 5-shot accuracy (``accuracy/<model>/accuracy.csv``; empty if not measured)."""
+    path = HERE / "accuracy" / model / "accuracy.csv"
+    if not path.exists():
+        return {}
+    acc = pd.read_csv(path)
+    return dict(zip(acc[acc["shots"] == 5]["task"], acc[acc["shots"] == 5]["accuracy"]))
+
+
 def informative_tasks(model: str = "smollm2", shots: int = 5, floor: float = 0.3) -> list[str]:
     """Tasks whose ``shots``-shot accuracy is at least ``floor`` (the issues' bar for an informative test)."""
     path = HERE / "accuracy" / model / "accuracy.csv"
@@ -110,8 +119,7 @@ def structured(model: str = "smollm2") -> tuple[str, str]:
     if not files:
         return "(no structured patching results yet)", ""
     frame = ordered(pd.concat([pd.read_csv(f) for f in files], ignore_index=True))
-    acc = pd.read_csv(HERE / "accuracy" / model / "accuracy.csv") if (HERE / "accuracy" / model / "accuracy.csv").exists() else None
-    five = dict(zip(acc[acc["shots"] == 5]["task"], acc[acc["shots"] == 5]["accuracy"])) if acc is not None else {}
+    five = five_shot(model)
     rows, met_same, met_struct, counted = [], [], [], []
     for _, r in frame.iterrows():
         sparse = " / ".join(f"{r[f'structured_top{k:g}']:.2f}" for k in (0.01, 0.05, 0.1, 0.25))
@@ -144,11 +152,9 @@ def steps_figure(model: str = "smollm2", shots: int = 0) -> Path | None:
 
     folder = folders("patching-structured", model)[0]
     files = sorted(folder.glob("*_iterative.csv"))
-    acc_file = HERE / "accuracy" / model / "accuracy.csv"
-    if not files or not acc_file.exists():
+    five = five_shot(model)
+    if not files or not five:
         return None
-    acc = pd.read_csv(acc_file)
-    five = dict(zip(acc[acc["shots"] == 5]["task"], acc[acc["shots"] == 5]["accuracy"]))
     steps = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     tables = pd.concat([pd.read_csv(f) for f in sorted(folder.glob("*_patching.csv"))], ignore_index=True)
     chosen = {r.task: int(r.iterative_chosen_step) for r in tables[tables["shots"] == shots].itertuples()}
@@ -230,27 +236,21 @@ def perturbation(model: str = "smollm2") -> tuple[str, str]:
     return table(header, rows), summary
 
 
+def section(title: str, *blocks: str, first: bool = False) -> None:
+    """Print one Markdown section: its heading (after a blank line unless ``first``), then each block after a blank line."""
+    print(f"## {title}" if first else f"\n## {title}")
+    for block in blocks:
+        print(f"\n{block}")
+
+
 if __name__ == "__main__":
-    print("## Which tasks each model solves\n")
-    print(accuracy())
-    print("\n## Agreement with causal mediation (CM1)\n")
-    print(agreement())
-    print("\n## Sparsity\n")
-    print(sparsity())
+    section("Which tasks each model solves", accuracy(), first=True)
+    section("Agreement with causal mediation (CM1)", agreement())
+    section("Sparsity", sparsity())
     for model, name in MODELS.items():
-        full_structured, goal = structured(model)
-        print(f"\n## Structured patching: {name}\n")
-        print(full_structured)
-        print()
-        print(goal)
         figure = steps_figure(model)
-        if figure is not None:
-            print(f"\n![accuracy per step]({figure.relative_to(HERE)})")
-    print("\n## Patching\n")
-    print(patching())
+        picture = [f"![accuracy per step]({figure.relative_to(HERE)})"] if figure is not None else []
+        section(f"Structured patching: {name}", *structured(model), *picture)
+    section("Patching", patching())
     for model, name in MODELS.items():
-        full, wins = perturbation(model)
-        print(f"\n## Perturbation: {name}\n")
-        print(full)
-        print()
-        print(wins)
+        section(f"Perturbation: {name}", *perturbation(model))
