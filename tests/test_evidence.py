@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny
-from test_ranking import PROMPTS, TARGETS, p_target
+from conftest import LEGACY, make_tiny
+from test_ranking import CORRUPT, PROMPTS, TARGETS, p_target
 
 from tl_reversed import reversed_attention
 from tl_reversed.commands.perturbation import agreement_table
@@ -229,8 +229,8 @@ def test_sparsity_of_a_result_measures_each_ra_and_attention_map(tmp_path):
 # --------------------------------------------------------------------------- faster causal mediation
 
 
-def sweep_scores(model, stacked, examples, drop=True, batch_size=3):
-    """CM1 through the SweepHeads sink, stacked or by TransformerLens' sweep."""
+def sweep_scores(model, stacked, examples, drop=True, batch_size=3, resume=True):
+    """CM1 through the SweepHeads sink, stacked (resumed at each layer or not) or by TransformerLens' sweep."""
     from transformer_lens.patching import layer_head_vector_patch_setter
 
     from tl_reversed.experiments.mediation import SweepHeads
@@ -239,7 +239,9 @@ def sweep_scores(model, stacked, examples, drop=True, batch_size=3):
     batch = prompt_batch(model, examples, spec)
     zeros = torch.zeros(1, 1, spec.n_heads, 1)
     cache = {attn_hook(layer, "z"): zeros for layer in range(spec.n_layers)}
-    sink = SweepHeads(model, spec, cache, lambda sub: layer_head_vector_patch_setter, drop=drop, stacked=stacked)
+    sink = SweepHeads(
+        model, spec, cache, lambda sub: layer_head_vector_patch_setter, drop=drop, stacked=stacked, resume=resume
+    )
     run(model, batch, [sink], backward=False, batch_size=batch_size, progress=False)
     return sink.finish()
 
@@ -254,11 +256,81 @@ def test_the_stacked_cm_sweep_equals_transformer_lens_sweep(arch, monkeypatch):
     new, new_base = sweep_scores(model, True, (PROMPTS, TARGETS))
     assert old.abs().max() > 1e-5  # the heads matter
     torch.testing.assert_close(new, old, atol=1e-6, rtol=0)
+    from_embeddings, _ = sweep_scores(model, True, (PROMPTS, TARGETS), resume=False)  # every block run
+    torch.testing.assert_close(new, from_embeddings, atol=1e-6, rtol=0)
     assert new_base == pytest.approx(old_base, abs=1e-6)
     monkeypatch.setattr(mediation, "STACKED_ROWS", 5)  # one head per forward for 3-row chunks: the same scores
     split, _ = sweep_scores(model, True, (PROMPTS, TARGETS))
     torch.testing.assert_close(split, new, atol=1e-6, rtol=0)
     assert hook_count(model) == before
+
+
+RESUME_ARCHS = ["llama"] if LEGACY else ["gpt2", "llama", "gemma3", "opt", "gptj"]
+
+
+@pytest.mark.parametrize("arch", RESUME_ARCHS)
+def test_a_forward_resumed_at_any_layer_equals_the_full_forward(arch):
+    """Patched copies run from each layer's cached input give the full patched forward's logits."""
+    from tl_reversed.core.engine import forward_last
+    from tl_reversed.core.resume import Resume
+
+    model = make_tiny(arch, n_layers=3)
+    spec = describe(model)
+    batch = prompt_batch(model, (PROMPTS, TARGETS), spec)
+    before = hook_count(model), [len(block._forward_pre_hooks) for block in model.blocks]
+    start = Resume.capture(model, spec, batch)
+    assert start.ok
+    stacked = batch.rows([row for _ in range(2) for row in range(len(batch))])
+    b = len(batch)
+    for layer in range(spec.n_layers):
+
+        def zero_head(z, hook):  # head 1 zeroed in the second copy only
+            z = z.clone()
+            z[b:, :, 1] = 0.0
+            return z
+
+        hooks = [(attn_hook(layer, "z"), zero_head)]
+        full = forward_last(model, stacked, hooks)
+        resumed = start.last_logits(layer, 2, hooks)
+        assert (full[b:] - full[:b]).abs().max() > 1e-4  # the patch matters
+        torch.testing.assert_close(resumed, full, atol=1e-5, rtol=0)
+    assert (hook_count(model), [len(block._forward_pre_hooks) for block in model.blocks]) == before
+
+
+@pytest.mark.bridge  # block replay is the TransformerBridge path; a HookedTransformer has start_at_layer
+def test_a_bridge_whose_blocks_do_not_replay_falls_back_to_full_forwards(monkeypatch):
+    from tl_reversed.core import resume
+    from tl_reversed.core.resume import Resume
+
+    model = make_tiny("llama")
+    spec = describe(model)
+    batch = prompt_batch(model, (PROMPTS, TARGETS), spec)
+    # replaying without the rotary position embeddings cannot reproduce the forward: the check sees it
+    monkeypatch.setattr(resume, "_CACHE_KWARGS", (*resume._CACHE_KWARGS, "position_embeddings"))
+    assert not Resume.capture(model, spec, batch).ok
+    with pytest.warns(UserWarning, match="runs all layers"):
+        fallback, _ = sweep_scores(model, True, (PROMPTS, TARGETS))
+    monkeypatch.undo()
+    resumed, _ = sweep_scores(model, True, (PROMPTS, TARGETS))
+    torch.testing.assert_close(fallback, resumed, atol=1e-6, rtol=0)
+
+
+def test_cm1_and_cm2_scores_are_the_same_resumed_at_each_layer_or_run_from_the_embeddings(monkeypatch):
+    from tl_reversed.experiments import mediation
+
+    model = make_tiny("llama", n_layers=3)
+    methods = ("cm1", "cm2")
+
+    def scores(method):
+        return head_scores(model, (PROMPTS, TARGETS), method, corrupted=(CORRUPT, TARGETS), batch_size=3, progress=False).scores
+
+    resumed = {m: scores(m) for m in methods}
+    original = mediation._stacked_sweep
+    monkeypatch.setattr(mediation, "_stacked_sweep", lambda *args, **kwargs: original(*args, **{**kwargs, "resume": False}))
+    for m in methods:
+        every_block = scores(m)
+        assert every_block.abs().max() > 1e-5
+        torch.testing.assert_close(resumed[m], every_block, atol=1e-6, rtol=0)
 
 
 def test_cm1_and_cm2_default_to_the_stacked_sweep_and_match_a_hand_loop():

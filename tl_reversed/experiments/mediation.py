@@ -13,6 +13,7 @@ runs these sinks through :func:`tl_reversed.core.engine.run`:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import einops
@@ -20,9 +21,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_reversed.core.architecture import Model, ModelSpec, attn_hook, block_hook
-from tl_reversed.core.engine import Chunk, Hook, forward_last, last_position_hook, model_device
+from tl_reversed.core.architecture import Model, ModelSpec, attn_hook
+from tl_reversed.core.engine import Chunk, Hook, forward_last, model_device
 from tl_reversed.core.inputs import Batch
+from tl_reversed.core.resume import Resume
 from tl_reversed.experiments.evaluation import target_probs
 
 
@@ -75,22 +77,33 @@ STACKED_ROWS = 512
 """Most rows of one stacked CM forward (heads x examples); more heads are split over passes."""
 
 
-def _stacked_sweep(model: Model, spec: ModelSpec, sub: Batch, cache: dict, setter: Callable) -> Tensor:
+def _stacked_sweep(
+    model: Model, spec: ModelSpec, sub: Batch, cache: dict, setter: Callable, *, resume: bool = True
+) -> Tensor:
     """p(target) with each (layer, head) patched in turn, the heads stacked on the batch axis.
 
     The rows of ``sub`` are repeated once per head of a group (copy ``j`` holds rows
     ``j * b .. j * b + b``; as many heads per forward as fit in :data:`STACKED_ROWS` rows);
-    at the layer's ``hook_z`` the setter patches head ``j`` of copy ``j`` alone, and only
-    the last prompt token is unembedded (:func:`~tl_reversed.core.engine.forward_last`).
-    A HookedTransformer starts each forward at the patched layer from the cached
-    ``hook_resid_pre`` (``start_at_layer``); a TransformerBridge runs every layer, as its
-    ``start_at_layer`` still computes the blocks before it (TransformerLens 4.3).
+    at the layer's ``hook_z`` the setter patches head ``j`` of copy ``j`` alone. Each
+    forward starts at the patched layer from the chunk's cached, unpatched block inputs
+    and unembeds the last prompt token alone (:class:`~tl_reversed.core.resume.Resume`:
+    ``start_at_layer`` on a HookedTransformer, the blocks replayed on a TransformerBridge,
+    whose ``start_at_layer`` still runs the blocks before it in TransformerLens 4.3).
+    ``resume=False``, or a bridge whose replay does not reproduce its full forward, runs
+    every forward from the embeddings (:func:`~tl_reversed.core.engine.forward_last`).
     Returns ``[layer, head, batch]``.
     """
     b, n_heads = len(sub), spec.n_heads
     per_pass = max(1, min(n_heads, STACKED_ROWS // b))
     out = torch.zeros(spec.n_layers, n_heads, b)
-    resid = _resid_pre(model, spec, sub) if spec.kind == "hooked" else None
+    start = Resume.capture(model, spec, sub) if resume else None
+    if start is not None and not start.ok:
+        warnings.warn(
+            "causal mediation: replaying this model's blocks from a cached residual did not reproduce its "
+            "forward pass, so every patched forward runs all layers (same scores, slower)",
+            stacklevel=3,
+        )
+        start = None
     for layer in range(spec.n_layers):
         name = attn_hook(layer, "z")
         for first in range(0, n_heads, per_pass):
@@ -106,48 +119,22 @@ def _stacked_sweep(model: Model, spec: ModelSpec, sub: Batch, cache: dict, sette
                         z[j * b : (j + 1) * b] = patched
                 return z
 
-            if resid is None:
+            if start is None:
                 logits = forward_last(model, stacked, [(name, patch)])
             else:
-                logits = _last_from_layer(model, stacked, resid[layer].repeat(len(heads), 1, 1), layer, [(name, patch)])
+                logits = start.last_logits(layer, len(heads), [(name, patch)])
             out[layer, heads] = target_probs(logits, stacked).reshape(len(heads), b)
     return out
-
-
-def _resid_pre(model: Model, spec: ModelSpec, sub: Batch) -> list[Tensor]:
-    """Each layer's unpatched ``hook_resid_pre`` of ``sub`` (HookedTransformer: where a stacked forward starts)."""
-    store: dict[int, Tensor] = {}
-
-    def keep(layer: int):
-        def hook(x: Tensor, hook: object) -> None:
-            store[layer] = x.detach().clone()
-
-        return hook
-
-    forward_last(model, sub, [(block_hook(layer, "resid_pre"), keep(layer)) for layer in range(spec.n_layers)])
-    return [store[layer] for layer in range(spec.n_layers)]
-
-
-def _last_from_layer(model: Model, batch: Batch, resid: Tensor, layer: int, hooks: list[Hook]) -> Tensor:
-    """Logits at each row's last prompt token of a HookedTransformer run from ``resid`` entering ``layer``.
-
-    ``start_at_layer`` skips the blocks before ``layer`` (their output is ``resid``); right
-    padding needs no mask under causal attention. Float32 on the CPU, like ``forward_last``.
-    """
-    only_last = last_position_hook(model, batch.last, beside=hooks)
-    with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, *([only_last] if only_last else [])]):  # type: ignore[operator]
-        logits = model(resid, start_at_layer=layer)
-    if logits.shape[1] == 1:
-        return logits[:, 0].float().cpu()
-    return logits[torch.arange(len(batch), device=logits.device), batch.last.to(logits.device)].float().cpu()
 
 
 class SweepHeads:
     """Forward-only sink: each chunk's activation-patching sweep over every head (CM1, CM2).
 
     ``stacked=True`` (default): per layer, one forward of the chunk's rows repeated once
-    per head, each copy with one head patched, unembedding the last prompt token alone
-    (:func:`_stacked_sweep`); the baseline is the engine's own unpatched forward of the chunk.
+    per head, each copy with one head patched, starting at that layer from the chunk's cached
+    block inputs (``resume=True``, default) or from the embeddings (``resume=False``), and
+    unembedding the last prompt token alone (:func:`_stacked_sweep`); the baseline is the
+    engine's own unpatched forward of the chunk.
     ``stacked=False``: TransformerLens' sweep (``generic_activation_patch``: one forward per
     head over the chunk, full logits, and its own baseline). Both give the same scores up to
     float rounding (the batch shapes differ; see tests/test_evidence.py).
@@ -156,10 +143,10 @@ class SweepHeads:
 
     def __init__(
         self, model: Model, spec: ModelSpec, cache: dict, setter_for: Callable[[Batch], Callable], *, drop: bool,
-        stacked: bool = True,
+        stacked: bool = True, resume: bool = True,
     ):  # fmt: skip
         self.model, self.spec, self.cache, self.setter_for, self.drop = model, spec, cache, setter_for, drop
-        self.stacked = stacked
+        self.stacked, self.resume = stacked, resume
         self.total = torch.zeros(spec.n_layers, spec.n_heads)
         self.base, self.n = 0.0, 0
 
@@ -171,7 +158,7 @@ class SweepHeads:
         if self.stacked:
             assert chunk.logits is not None
             baseline = target_probs(chunk.logits, sub)
-            values = _stacked_sweep(self.model, self.spec, sub, self.cache, self.setter_for(sub))
+            values = _stacked_sweep(self.model, self.spec, sub, self.cache, self.setter_for(sub), resume=self.resume)
         else:
             tokens = sub.tokens.to(model_device(self.model))
             values, baseline = _sweep_heads(self.model, tokens, self.cache, _p_target_metric(sub), self.setter_for(sub))
