@@ -160,7 +160,11 @@ def test_cli_table_has_each_method_and_its_reverse_with_the_best_in_bold():
         int_list("one")
     args = build_parser().parse_args(["perturbation", "--task", "capitalize", "--shots", "1,5"])
     assert args.shots == [1, 5] and args.methods == ["ra", "fa", "cm1", "cm2", "atp", "random", "index"]
-    assert args.n == 50 and args.n_score == 25
+    assert args.n == 50 and args.n_score == 25 and args.draw == "current"
+    assert build_parser().parse_args(["perturbation", "--task", "capitalize", "--draw", "0.1.0"]).draw == "0.1.0"
+    assert build_parser().parse_args(["patching", "--task", "capitalize", "--draw", "0.1.0"]).draw == "0.1.0"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["perturbation", "--task", "capitalize", "--draw", "0.2"])
 
 
 def test_checkpoint_resumes_only_units_made_with_the_same_settings(tmp_path):

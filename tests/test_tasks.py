@@ -258,6 +258,26 @@ def test_make_examples_is_deterministic():
     assert one.examples == two.examples
 
 
+def test_the_0_1_0_draw_gives_the_prompts_that_tl_reversed_0_1_0_drew():
+    """Prompts printed by tl_reversed 0.1.0 (commit 24b6462, the one-shot tables' code) for seed 0."""
+    capitalize = make_examples("capitalize", shots=1, n=2, split="train", draw="0.1.0")
+    assert [e.prompt for e in capitalize] == ["Q: hear\nA: Hear\n\nQ: earring\nA:", "Q: manage\nA: Manage\n\nQ: salamander\nA:"]
+    clean, shuffled = (make_examples("antonym", shots=5, n=1, split="train", draw="0.1.0", shuffle_labels=s) for s in (False, True))
+    assert clean[0].prompt == (
+        "Q: harsh\nA: gentle\n\nQ: comparable\nA: incomparable\n\nQ: latter\nA: former\n\n"
+        "Q: believe\nA: doubt\n\nQ: stalk\nA: root\n\nQ: childhood\nA:"
+    )
+    assert shuffled[0].prompt == (
+        "Q: harsh\nA: root\n\nQ: comparable\nA: doubt\n\nQ: latter\nA: gentle\n\n"
+        "Q: believe\nA: incomparable\n\nQ: stalk\nA: former\n\nQ: childhood\nA:"
+    )
+    # the current draw: the same queries and split, other demonstrations
+    current = make_examples("capitalize", shots=1, n=2, split="train")
+    assert [e.x for e in current] == [e.x for e in capitalize] and current[0].demos != capitalize[0].demos
+    with pytest.raises(ValueError, match="draw must be one of"):
+        make_examples("capitalize", shots=1, draw="0.2")
+
+
 @pytest.mark.parametrize("split", ["test", "train", "all"])
 def test_demos_come_from_train_and_never_hold_the_query(split):
     train, _ = train_test_split("next_item", seed=2)

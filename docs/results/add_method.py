@@ -9,7 +9,10 @@ folder, then replaces that method's rows in the table's ``_auc``, ``_curves`` an
 ``_scores`` CSVs, and rewrites ``_agreement.csv`` (against CM1), the Markdown table and
 the curves figure from the merged rows. Every method's rows are computed by the same
 command with the same settings; only their order of computation differs. Used to add
-``atp0`` (issue 14) to the tables computed before it existed.
+``atp0`` (issue 14) to the tables computed before it existed. Tables made by
+tl_reversed 0.1.0 (the one-shot and SmolLM2 five-shot tables) need ``--draw 0.1.0``: its
+demonstrations were drawn differently; the script refuses new rows whose accuracy with
+all heads differs from the table's (other test prompts).
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ from tl_reversed.commands.perturbation import agreement_table, auc_markdown, plo
 def merge(folder: Path, new: Path, task: str, method: str) -> pd.DataFrame:
     """Replace ``method``'s rows of each CSV; returns the merged AUC table."""
     tables = {}
+    old_auc, new_auc = pd.read_csv(folder / f"{task}_auc.csv"), pd.read_csv(new / f"{task}_auc.csv")
+    for shots, part in new_auc.groupby("shots"):
+        others = old_auc[(old_auc["shots"] == shots) & (old_auc["method"] != method)]
+        if len(others) and not (others["accuracy_all_heads"] - part["accuracy_all_heads"].iloc[0]).abs().max() < 1e-9:
+            raise SystemExit(
+                f"{task} {shots}-shot: the new rows' accuracy with all heads ({part['accuracy_all_heads'].iloc[0]:.4f}) is "
+                f"not the table's ({others['accuracy_all_heads'].iloc[0]:.4f}): other test prompts. Was the table made "
+                "by tl_reversed 0.1.0? Then pass --draw 0.1.0."
+            )
     for kind in ("auc", "curves", "scores"):
         old = pd.read_csv(folder / f"{task}_{kind}.csv")
         add = pd.read_csv(new / f"{task}_{kind}.csv")
@@ -52,10 +64,11 @@ def main() -> None:
     parser.add_argument("--n", required=True)
     parser.add_argument("--n-score", required=True)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--draw", default="current", help="current, or 0.1.0 for the tables tl_reversed 0.1.0 made")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "tl_reversed.commands.cli", "perturbation", "--task", args.task, "--shots", args.shots,
-                   "--methods", args.method, "--n", args.n, "--n-score", args.n_score, "--seed", "0", "--out", tmp]  # fmt: skip
+                   "--methods", args.method, "--n", args.n, "--n-score", args.n_score, "--seed", "0", "--draw", args.draw, "--out", tmp]  # fmt: skip
         if args.model:
             command += ["--model", args.model]
         subprocess.run(command, check=True)
@@ -66,10 +79,14 @@ def main() -> None:
     text = md.read_text()
     start = text.index("| method |")
     end = text.index("\n\n", start)
+    draw = "" if args.draw == "current" else f" --draw {args.draw}"
     added = f"\n\nThe {args.method} rows were added later by `python docs/results/add_method.py --folder {args.folder} " \
-            f"--task {args.task} --shots {args.shots} --method {args.method} --n {args.n} --n-score {args.n_score}` " \
+            f"--task {args.task} --shots {args.shots} --method {args.method} --n {args.n} --n-score {args.n_score}{draw}` " \
             "(the same command and settings for that one method)."  # fmt: skip
-    md.write_text(text[:start] + auc_markdown(aucs, shots, methods) + text[end:].rstrip("\n") + added + "\n")
+    rest = text[end:].rstrip("\n")
+    if f"\n\nThe {args.method} rows were added later" in rest:  # added again: the new sentence replaces the old
+        rest = rest[: rest.index(f"\n\nThe {args.method} rows were added later")]
+    md.write_text(text[:start] + auc_markdown(aucs, shots, methods) + rest + added + "\n")
     plot_curves(curves, shots, args.task).savefig(args.folder / f"{args.task}_curves.png", dpi=110, bbox_inches="tight")
     print(f"added {args.method} to {args.folder}/{args.task}_*")
 

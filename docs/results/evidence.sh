@@ -21,11 +21,12 @@ TASK_ARGS=$(for t in $INFORMATIVE; do echo --task "$t"; done)
 tl-reversed sparsity $TASK_ARGS --shots 1,5 --n 25 --out docs/results/sparsity/smollm2
 tl-reversed sparsity $TASK_ARGS --shots 1,5 --n 25 --model gemma-3-270m --out docs/results/sparsity/gemma-3-270m
 
-# atp0 added to the committed 1-shot perturbation tables (same command and settings, one method)
-python docs/results/add_method.py --folder docs/results/perturbation --task capitalize --shots 0,1 --method atp0 --n 30 --n-score 10
+# atp0 added to the committed 1-shot perturbation tables (same command and settings, one method; --draw 0.1.0:
+# the tables were made by tl_reversed 0.1.0, see perturbation.sh)
+python docs/results/add_method.py --folder docs/results/perturbation --task capitalize --shots 0,1 --method atp0 --n 30 --n-score 10 --draw 0.1.0
 for t in present-past singular-plural capitalize_first_letter country-capital antonym choose_middle_of_3 person-sport \
          landmark_in_country verb_past_tense; do
-  python docs/results/add_method.py --folder docs/results/perturbation --task "$t" --shots 1 --method atp0 --n 30 --n-score 10
+  python docs/results/add_method.py --folder docs/results/perturbation --task "$t" --shots 1 --method atp0 --n 30 --n-score 10 --draw 0.1.0
 done
 
 # Five-shot perturbation tables, 25 scoring and 60 test prompts, eight methods (issue 14 item 5)

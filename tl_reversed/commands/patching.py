@@ -36,6 +36,7 @@ from tl_reversed.commands.common import (
     markdown_table,
     writable_folder,
 )
+from tl_reversed.core.options import DRAWS
 
 
 def float_list(text: str) -> list[float]:
@@ -85,6 +86,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--tol", type=float, default=1e-3, help="with --steps auto: the relative loss improvement that counts (default 0.001)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the demonstrations")
     parser.add_argument("--template", type=int, default=0, help="relation tasks: which prompt template (default 0)")
+    parser.add_argument(
+        "--draw", choices=DRAWS, default="current",
+        help="demonstrations drawn as this version does (default) or as tl_reversed 0.1.0 did (its tables in docs/results)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     parser.add_argument("--out", default="out/patching", help="output folder (default out/patching)")
     parser.add_argument("--no-resume", action="store_true", help="recompute steps saved by an interrupted run")
@@ -124,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     out = writable_folder(args.out)
     lrs = list(dict.fromkeys([*args.lrs, args.lr_ra, args.lr_fa, 0.0]))
     settings = {k: getattr(args, k) for k in ("model", "n_train", "n_test", "seed", "template", "batch_size")}
+    if args.draw != "current":  # (checkpoints of the current draw keep their settings)
+        settings["draw"] = args.draw
     checkpoint = Checkpoint(out, f"{task}_patching", {"task": task, "lrs": lrs, "iter_lr": args.iter_lr, "steps": args.steps, "max_steps": args.max_steps, "tol": args.tol, **settings}, enabled=not args.no_resume)
     model = load_cli_model(args)
 
@@ -131,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     parts = ["ra", "fa"] + (["iterative"] if args.iterative else [])
     bar = tqdm(total=len(args.shots) * len(parts), desc=f"patching {task}", unit="step")
     for shots in args.shots:
-        common = dict(shots=shots, seed=args.seed, model=model, template=args.template)
+        common = dict(shots=shots, seed=args.seed, model=model, template=args.template, draw=args.draw)
         length, train, test = pick_length(
             model, make_examples(task, split="train", **common), make_examples(task, split="test", **common), args.n_train, args.n_test
         )
@@ -190,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
         "Top-1 accuracy on test prompts of one length, with the mean map of training prompts of that length "
         "added to every head's attention. *best lr* is the best of the sweep, chosen on the test prompts "
         "(an optimistic upper bound, not a held-out result).\n\n"
-        f"{markdown}\n\nModel: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}; "
+        f"{markdown}\n\nModel: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}"
+        f"{'' if args.draw == 'current' else f' (demonstrations drawn as tl_reversed {args.draw} did)'}; "
         f"{seconds / 60:.1f} min of patching runs.\n\n```bash\n{command_line()}\n```\n"
     )
     plot_sweeps(table, sweep_table, iterative_table, task).savefig(out / f"{task}_sweep.png", dpi=110, bbox_inches="tight")

@@ -78,6 +78,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--n-score", type=int, default=25, help="training prompts the heads are scored on (default 25, as the paper)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, demonstrations, label shuffle and random order")
     parser.add_argument("--template", type=int, default=0, help="relation tasks: which prompt template (default 0)")
+    parser.add_argument(
+        "--draw", choices=options.DRAWS, default="current",
+        help="demonstrations drawn as this version does (default) or as tl_reversed 0.1.0 did (its tables in docs/results)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     parser.add_argument("--out", default="out/perturbation", help="output folder (default out/perturbation)")
     parser.add_argument("--no-resume", action="store_true", help="recompute rankings saved by an interrupted run")
@@ -96,13 +100,15 @@ def run(args: argparse.Namespace) -> int:
     task = load_task(args.task).name
     out = writable_folder(args.out)
     settings = {k: getattr(args, k) for k in ("model", "n", "n_score", "seed", "template", "batch_size")}
+    if args.draw != "current":  # (checkpoints of the current draw keep their settings)
+        settings["draw"] = args.draw
     checkpoint = Checkpoint(out, f"{task}_perturbation", {"task": task, **settings}, enabled=not args.no_resume)
     model = load_cli_model(args)
 
     units, notes = [], []
     bar = tqdm(total=len(args.shots) * len(args.methods), desc=f"perturbation {task}", unit="ranking")
     for shots in args.shots:
-        common = dict(shots=shots, seed=args.seed, model=model, template=args.template)
+        common = dict(shots=shots, seed=args.seed, model=model, template=args.template, draw=args.draw)
         train = make_examples(task, n=args.n_score, split="train", **common)
         corrupted = make_examples(task, n=args.n_score, split="train", shuffle_labels=True, **common)
         test = make_examples(task, n=args.n, split="test", **common)
@@ -140,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         f"AUC of top-1 accuracy while keeping the top 0-100% of heads (the rest zeroed at `hook_z`). "
         f"↑: the ranking's own order (higher is better); ↓: reversed, least important first (lower is better).\n\n"
         f"{table}\n\n"
-        f"Model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}; {'; '.join(notes)}; "
+        f"Model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}"
+        f"{'' if args.draw == 'current' else f' (demonstrations drawn as tl_reversed {args.draw} did)'}; {'; '.join(notes)}; "
         f"{seconds / 60:.1f} min of scoring and curves.\n\n"
         f"```bash\n{command_line()}\n```\n"
     )

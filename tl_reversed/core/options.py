@@ -69,6 +69,11 @@ Split = Literal["test", "train", "all"]
 """Which part of a task's examples: held-out test third, training rest, or all."""
 SPLITS: tuple[str, ...] = get_args(Split)
 
+Draw = Literal["current", "0.1.0"]
+"""Which seeded draw of demonstrations and label shuffles: this version's, or tl_reversed 0.1.0's
+(the first release; its tables in ``docs/results`` were made with it)."""
+DRAWS: tuple[str, ...] = get_args(Draw)
+
 
 RankBy = Literal["forward", "backward"]
 """How :func:`tl_reversed.flow_graph` orders heads, memories and neurons: contribution size or loss effect."""

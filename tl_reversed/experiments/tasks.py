@@ -40,7 +40,7 @@ from typing import Any, overload
 import pandas as pd
 
 from tl_reversed.core.checks import nonnegative_int
-from tl_reversed.core.options import SPLITS, Split, check_option
+from tl_reversed.core.options import DRAWS, SPLITS, Draw, Split, check_option
 from tl_reversed.experiments.task_data import (  # re-exported: tasks.<name> keeps working  # noqa: F401
     DATA_DIR,
     TASKS,
@@ -304,8 +304,17 @@ def _shuffle_outputs(rng: random.Random, demos: Sequence[Pair]) -> tuple[Pair, .
     return tuple((x, y) for (x, _), y in zip(demos, outputs))
 
 
+def _draw_label(draw: str) -> str:
+    """The label that seeds the demonstration and label-shuffle generators of one draw.
+
+    tl_reversed 0.1.0 named them after its module ``tl_reversed.tasks``; moving the module
+    to ``tl_reversed.experiments.tasks`` changed the label, and so every draw.
+    """
+    return {"current": "tl_reversed.experiments.tasks", "0.1.0": "tl_reversed.tasks"}[check_option("draw", draw, DRAWS)]
+
+
 def shuffled_labels(
-    examples: Iterable[Example], seed: int = 0, *, build_prompt: Any = None
+    examples: Iterable[Example], seed: int = 0, *, build_prompt: Any = None, draw: Draw = "current"
 ) -> list[Example]:
     """The same examples with their demonstrations' outputs permuted (Todd et al.'s corruption).
 
@@ -314,9 +323,10 @@ def shuffled_labels(
     (before the one-token filter and ``n``), so it equals ``shuffled_labels(make_examples(...),
     seed)`` whenever no example was dropped. One seeded generator walks the examples in
     order. Without ``build_prompt(demos, x)`` the prompt is rebuilt in the ICL format
-    or, for a relation format, by replacing each demonstration line's label.
+    or, for a relation format, by replacing each demonstration line's label. ``draw``:
+    see :func:`make_examples`.
     """
-    rng = random.Random(f"tl_reversed.experiments.tasks:labels:{seed}")
+    rng = random.Random(f"{_draw_label(draw)}:labels:{seed}")
     out = []
     for i, example in enumerate(examples):
         if not hasattr(example, "demos"):
@@ -377,6 +387,7 @@ def make_examples(
     template: int | str = 0,
     shuffle_labels: bool = False,
     model: Any = None,
+    draw: Draw = "current",
 ) -> ExampleSet:
     """Build prompts with ``shots`` demonstrations for one task.
 
@@ -398,6 +409,11 @@ def make_examples(
         model: optional TransformerLens model (only ``model.to_tokens`` is
             used); examples whose target is not exactly one token are dropped
             and counted in ``ExampleSet.dropped``.
+        draw: ``"current"``, or ``"0.1.0"`` for the demonstrations (and label shuffles)
+            that tl_reversed 0.1.0 drew for the same seed. The queries and the split are
+            the same under both; the two generators are seeded by different labels, so
+            the demonstrations differ. The one-shot perturbation tables, the five-shot
+            SmolLM2 tables and the patching table of ``docs/results`` were made by 0.1.0.
 
     The order of the examples follows the seeded shuffle, so the first ``n``
     are a random sample, and a smaller ``n`` gives a prefix of a larger one.
@@ -412,14 +428,14 @@ def make_examples(
     indices_by_input: dict[str, set[int]] = {}
     for i, (x, _) in enumerate(train):
         indices_by_input.setdefault(x, set()).add(i)
-    demo_rng = random.Random(f"tl_reversed.experiments.tasks:demos:{seed}")
+    demo_rng = random.Random(f"{_draw_label(draw)}:demos:{seed}")
 
     examples = []
     for x, y in queries:
         demos = _draw_demos(demo_rng, train, indices_by_input, x, shots)
         examples.append(Example(build_prompt(demos, x), _target(y), x, y, tuple(demos)))
     if shuffle_labels:  # before any filtering, so the shuffle of a query never depends on the model
-        examples = shuffled_labels(examples, seed, build_prompt=build_prompt)
+        examples = shuffled_labels(examples, seed, build_prompt=build_prompt, draw=draw)
 
     dropped = 0
     if model is not None:
