@@ -14,10 +14,9 @@ committed scores, to ``cm-resume-check.csv``. Rows already there are kept (it re
 CM2 runs the same sweep with another setter on other prompts; tests/test_evidence.py
 checks it on tiny models.
 
-The last column is not a check of the sweep: the one-shot tables were made before the
-demonstrations were drawn the way they are now (same queries, other demonstrations), so
-rebuilding their prompts gives other prompts; the committed scores were also rounded to
-six significant digits.
+The SmolLM2 tables were made by tl_reversed 0.1.0 (``draw="0.1.0"`` rebuilds their
+prompts) with TransformerLens' sweep, Gemma's with the stacked sweep from the embeddings;
+the committed scores are rounded to six significant digits.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ import torch
 
 HERE = Path(__file__).parent
 FOLDERS = {"perturbation": None, "perturbation-5shot": None, "perturbation-5shot/gemma-3-270m": "gemma-3-270m"}
+DRAWS = {"perturbation": "0.1.0", "perturbation-5shot": "0.1.0", "perturbation-5shot/gemma-3-270m": "current"}
+"""The demonstrations each folder's tables were made with (``make_examples(draw=...)``)."""
 OUT = HERE / "cm-resume-check.csv"
 
 
@@ -88,7 +89,8 @@ def main() -> int:
         if unit["model"] not in models:
             models[unit["model"]] = load_model(unit["model"])
         model = models[unit["model"]]
-        train = make_examples(unit["task"], n=unit["n_score"], split="train", shots=unit["shots"], seed=0, model=model, template=0)
+        train = make_examples(unit["task"], n=unit["n_score"], split="train", shots=unit["shots"], seed=0, model=model,
+                              template=0, draw=DRAWS[unit["folder"]])  # fmt: skip
         start = time.perf_counter()
         new = head_scores(model, train, unit["method"], seed=0, batch_size=16, progress=False).scores
         seconds = time.perf_counter() - start
