@@ -161,6 +161,14 @@ def test_heads_json_and_csv_are_the_results_table(capsys, tiny_cli):
     assert main(["heads", *TINY, "--csv"]) == 0
     got = pd.read_csv(io.StringIO(capsys.readouterr().out))
     pd.testing.assert_frame_equal(got, expected, check_dtype=False, rtol=1e-6)
+    assert main(["heads", *TINY, "--json", "--path", "bounded"]) == 0  # the memory-bounded pass: the same norms
+    bounded = pd.DataFrame(json.loads(capsys.readouterr().out))
+    pd.testing.assert_frame_equal(bounded, expected, check_dtype=False, rtol=1e-4, atol=1e-6)
+    printed = {}
+    for path in ("standard", "bounded"):
+        assert main(["heads", *TINY, "--top", "3", "--path", path]) == 0
+        printed[path] = capsys.readouterr().out.splitlines()
+    assert len(printed["bounded"]) == 5 and printed["bounded"][1:] == printed["standard"][1:]  # the same top heads and rows
 
 
 def test_lens_json_is_the_results_table_and_writes_no_files(capsys, tiny_cli, tmp_path, monkeypatch):

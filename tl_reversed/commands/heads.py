@@ -12,6 +12,7 @@ from tl_reversed.commands.common import (
     predicted_next,
     print_table,
 )
+from tl_reversed.core.options import RA_PATHS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,6 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--prompt", required=True, help='e.g. "The capital city of France is"')
     parser.add_argument("--target", required=True, help='e.g. " Paris" (mind the leading space)')
     parser.add_argument("--top", type=positive_int, default=10, help="number of heads to print (default 10)")
+    parser.add_argument(
+        "--path", choices=RA_PATHS, default="auto",
+        help="which pass computes RA: auto (the memory-bounded one for long prompts, default), standard or bounded",
+    )  # fmt: skip
     add_model_argument(parser)
     add_format_argument(parser)
     return parser
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from tl_reversed import reversed_attention
 
     model = load_cli_model(args)
-    result = reversed_attention(model, args.prompt, args.target, keep="norms" if args.format else "maps")
+    result = reversed_attention(model, args.prompt, args.target, keep="norms" if args.format else "maps", path=args.path)
     if args.format:
         print_table(result.to_dataframe(), args.format)
         return 0
