@@ -239,7 +239,7 @@ def test_patching_save_reports_the_structured_and_sparse_accuracies(embedded_mod
                               save=str(tmp_path / "p.safetensors"), iterative=True, iter_lr=-10.0, steps=2,
                               max_steps=10, tol=1e-3)  # fmt: skip
     common = dict(shots=1, seed=0, model=embedded_model, template=0)
-    row = _save_structured(embedded_model, "capitalize", 1, common, args)
+    row, steps = _save_structured(embedded_model, "capitalize", 1, common, args)
     patch = StructuredPatch.load(tmp_path / "p.safetensors")
     test = make_examples("capitalize", split="test", n=6, **common)
     assert row["n_test_all"] == len(test) == 6
@@ -255,6 +255,8 @@ def test_patching_save_reports_the_structured_and_sparse_accuracies(embedded_mod
     it = iterative_structured(embedded_model, train, test, lr=-10.0, steps=2, batch_size=4, progress=False)
     assert row["structured_iterative_step"] == it.chosen_step == 2
     assert (row["structured_iterative"], row["structured_iterative_best"]) == (it.accuracy[2], max(it.accuracy))
+    assert [r["accuracy"] for r in steps] == it.accuracy and [r["step"] for r in steps] == [0, 1, 2]
+    assert [r["chosen"] for r in steps] == [False, False, True] and [r["train_loss"] for r in steps] == it.train_loss[:3]
 
 
 def test_iterative_structured_on_one_length_is_iterative_patching(model, tmp_path):

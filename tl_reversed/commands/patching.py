@@ -19,7 +19,8 @@ training prompts of every length (:func:`tl_reversed.experiments.structured_patc
 lr ``--lr-ra``), save it to ``PATCH`` (``PATCH_{shots}shot.safetensors`` for several shot
 counts; apply it with ``tl-reversed apply-patch``) and add its accuracy on the test prompts
 of every length, and the unpatched accuracy on them, to the table (``structured``,
-``all_original``, ``n_test_all``).
+``all_original``, ``n_test_all``); with ``--iterative`` too, iterative structured patching
+on every length, its accuracy and training loss per step in ``{task}_structured_steps.csv``.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = Checkpoint(out, f"{task}_patching", {"task": task, "lrs": lrs, "iter_lr": args.iter_lr, "steps": args.steps, "max_steps": args.max_steps, "tol": args.tol, **settings}, enabled=not args.no_resume)
     model = load_cli_model(args)
 
-    rows, sweeps, iterations, seconds = [], [], [], 0.0
+    rows, sweeps, iterations, structured_steps, seconds = [], [], [], [], 0.0
     parts = ["ra", "fa"] + (["iterative"] if args.iterative else [])
     bar = tqdm(total=len(args.shots) * len(parts), desc=f"patching {task}", unit="step")
     for shots in args.shots:
@@ -180,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
                 for step, (acc, loss) in enumerate(zip(it.accuracy, it.train_loss))
             ]
         if args.save:
-            row.update(_save_structured(model, task, shots, common, args))
+            structured, steps = _save_structured(model, task, shots, common, args)
+            row.update(structured)
+            structured_steps += steps
         rows.append(row)
     bar.close()
 
@@ -191,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
     sweep_table.to_csv(out / f"{task}_sweep.csv", index=False, float_format="%.4f")
     if iterations:
         iterative_table.to_csv(out / f"{task}_iterative.csv", index=False, float_format="%.4f")
+    if structured_steps:
+        pd.DataFrame(structured_steps).to_csv(out / f"{task}_structured_steps.csv", index=False, float_format="%.4f")
     markdown = patching_markdown(table, args)
     (out / f"{task}_patching.md").write_text(
         f"# Attention patching: {task}\n\n"
@@ -212,13 +217,14 @@ SPARSE_FRACTIONS = (0.01, 0.05, 0.10, 0.25, 1.0)
 """With ``--save``: the structured patch is also tested on only the top k heads by its norm."""
 
 
-def _save_structured(model, task: str, shots: int, common: dict, args: argparse.Namespace) -> dict:
+def _save_structured(model, task: str, shots: int, common: dict, args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """Learn the structured RA patch on training prompts of every length, save it, test it on every length.
 
     Also tests the patch on only its top 1%, 5%, 10% and 25% of heads (by the patch's norm;
     columns ``structured_top0.01`` ...): how few heads carry the task; and with
     ``--iterative``, iterative structured patching with the same steps rule (columns
-    ``structured_iterative``, its chosen step and its best step's accuracy).
+    ``structured_iterative``, its chosen step and its best step's accuracy). Returns the
+    table's columns and, with ``--iterative``, one row per step (``{task}_structured_steps.csv``).
     """
     from pathlib import Path
 
@@ -248,7 +254,9 @@ def _save_structured(model, task: str, shots: int, common: dict, args: argparse.
                                   tol=args.tol, template=template, batch_size=args.batch_size)  # fmt: skip
         row.update(structured_iterative=it.accuracy[it.chosen_step], structured_iterative_step=it.chosen_step,
                    structured_iterative_best=max(it.accuracy))  # fmt: skip
-    return row
+        steps = it.to_dataframe().assign(task=task, shots=shots, chosen=lambda f: f["step"] == it.chosen_step)
+        return row, steps[["task", "shots", "step", "lr", "accuracy", "train_loss", "chosen"]].to_dict("records")
+    return row, []
 
 
 def _patching_unit(model, part: str, train, test, lrs: list[float], args: argparse.Namespace):
