@@ -296,7 +296,7 @@ def _add_to_pattern(delta: Float[Tensor, "head query_pos key_pos"]):
     def hook(pattern: Float[Tensor, "batch head query_pos key_pos"], hook: object) -> Tensor:
         if pattern.shape[-1] != delta.shape[-1]:
             raise _length_error(pattern.shape[-1], delta.shape[-1])
-        return pattern + delta.to(pattern.dtype)[None]
+        return pattern + delta.to(pattern.device, pattern.dtype)[None]  # each layer's device (split models)
 
     return hook
 
@@ -324,7 +324,7 @@ def _add_at_z(delta: Float[Tensor, "head query_pos key_pos"], stash: dict[str, T
         if z.shape[1] != delta.shape[-1]:
             raise _length_error(z.shape[1], delta.shape[-1])
         values = repeat_kv(v, n_heads)
-        shift = einops.einsum(delta.to(values.dtype), values, "head q k, batch k head d -> batch q head d")
+        shift = einops.einsum(delta.to(values.device, values.dtype), values, "head q k, batch k head d -> batch q head d")
         return z + shift.to(z.dtype)
 
     return hook

@@ -209,7 +209,7 @@ def _add_rows(delta: Float[Tensor, "batch head pos pos"], stash: dict[str, Tenso
         width = z.shape[1]
         d = torch.nn.functional.pad(delta, (0, width - delta.shape[-1], 0, width - delta.shape[-1]))
         values = repeat_kv(v, n_heads)
-        shift = einops.einsum(d.to(values.dtype), values, "batch head q k, batch k head d -> batch q head d")
+        shift = einops.einsum(d.to(values.device, values.dtype), values, "batch head q k, batch k head d -> batch q head d")
         return z + shift.to(z.dtype)
 
     return hook
