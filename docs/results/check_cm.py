@@ -1,6 +1,6 @@
 """The resumed causal-mediation sweep against TransformerLens' own sweep, on the committed tables' settings.
 
-    python docs/results/check_cm.py [--max-minutes 60] [--folders perturbation-5shot]
+    python docs/results/check_cm.py [--max-minutes 60] [--folders perturbation-5shot] [--reverse]
 
 For every CM1 ranking in the committed perturbation tables (``perturbation/``,
 ``perturbation-5shot/``, ``perturbation-5shot/gemma-3-270m/``), builds the scoring
@@ -10,7 +10,8 @@ at the ablated layer from cached block inputs) and with TransformerLens' sweep
 (``generic_activation_patch``, one full forward per head: the code the one-shot tables
 were made with). Writes, per ranking, Spearman's correlation and the largest absolute
 difference between the two, both run times, and Spearman's correlation with the
-committed scores, to ``cm-resume-check.csv``. Rows already there are kept (it resumes).
+committed scores, to ``cm-resume-check.csv``. Rows already there are kept (it resumes); a
+second run with ``--reverse`` works from the other end (each ranking is claimed once).
 CM2 runs the same sweep with another setter on other prompts; tests/test_evidence.py
 checks it on tiny models.
 
@@ -22,6 +23,9 @@ the committed scores are rounded to six significant digits.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,10 +70,39 @@ def transformer_lens_sweep(model, examples) -> torch.Tensor:
     return sink.finish()[0]
 
 
+def claim(unit: dict) -> bool:
+    """Whether this run may score ``unit``: no other live run of this script has claimed it.
+
+    A claim is a file in the temp folder holding the claiming process's id; a claim whose
+    process has exited (a killed run) is taken over.
+    """
+    folder = Path(tempfile.gettempdir()) / f"tl_reversed_check_cm_{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    path = folder / "_".join(str(unit[k]) for k in ("folder", "task", "shots", "method")).replace("/", "-")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = path.read_text().strip()
+            if not pid:
+                return False  # being written by the run that claimed it
+            try:
+                os.kill(int(pid), 0)
+                return False  # its process is alive
+            except (ProcessLookupError, ValueError):
+                path.unlink(missing_ok=True)  # stale: take it over
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new rankings after this long")
     parser.add_argument("--folders", default=",".join(FOLDERS), help="which result folders (default: all three)")
+    parser.add_argument("--reverse", action="store_true", help="last ranking first (a second run beside the first)")
     args = parser.parse_args()
 
     from tl_reversed import load_model
@@ -77,11 +110,14 @@ def main() -> int:
     from tl_reversed.experiments.ranking import head_scores
     from tl_reversed.experiments.tasks import make_examples
 
-    done = pd.read_csv(OUT) if OUT.exists() else pd.DataFrame()
     key = ["folder", "task", "shots", "method"]
     started, models = time.perf_counter(), {}
-    for unit in units(("cm1",), args.folders.split(",")):
+    todo = units(("cm1",), args.folders.split(","))
+    for unit in reversed(todo) if args.reverse else todo:
+        done = pd.read_csv(OUT) if OUT.exists() else pd.DataFrame()
         if len(done) and ((done[key] == pd.Series({k: unit[k] for k in key})).all(axis=1)).any():
+            continue
+        if not claim(unit):  # another run of this script has it
             continue
         if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes:
             print("time is up; run again to go on")
@@ -106,8 +142,11 @@ def main() -> int:
                "seconds": round(seconds, 1), "tl_sweep_seconds": round(reference_seconds, 1),
                "spearman_committed": float(spearman(new.flatten(), committed.flatten()))}  # fmt: skip
         print(row, flush=True)
-        done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
-        done.to_csv(OUT, index=False, float_format="%.6g")
+        with open(OUT.with_suffix(".lock"), "w") as lock:  # two runs may append at once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            done = pd.read_csv(OUT) if OUT.exists() else pd.DataFrame()
+            pd.concat([done, pd.DataFrame([row])], ignore_index=True).to_csv(OUT, index=False, float_format="%.6g")
+        OUT.with_suffix(".lock").unlink(missing_ok=True)
     return 0
 
 
