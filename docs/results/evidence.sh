@@ -56,3 +56,21 @@ for t in $GEMMA_TASKS; do
   tl-reversed perturbation --model gemma-3-270m --task "$t" --shots 5 --methods ra,fa,cm1,cm2,atp,atp0,random,index \
     --n 60 --n-score 25 --seed 0 --out docs/results/perturbation-5shot/gemma-3-270m
 done
+
+# Structured patching below the 0.3 bar (issue 15: "all tasks"; they do not count for the goal).
+# The committed run did these in this order until its time ran out (SmolLM2: the first five;
+# Gemma 3: the first three); docs/results/README.md lists which are in.
+for t in antonym synonym next_item prev_item next_capital_letter company_hq english-french landmark-country \
+         person-sport person_plays_pro_sport; do
+  tl-reversed patching --task "$t" --shots 0,1 --iterative --steps auto --max-steps 10 --lrs=-30,1 \
+    --save "out/patches/$t.safetensors" --seed 0 --out docs/results/patching-structured
+done
+for t in antonym synonym next_item prev_item next_capital_letter choose_middle_of_3 company_hq; do
+  tl-reversed patching --model gemma-3-270m --task "$t" --shots 0,1 --iterative --steps auto --max-steps 10 --lrs=-30,1 \
+    --save "out/patches/gemma-3-270m/$t.safetensors" --seed 0 --out docs/results/patching-structured/gemma-3-270m
+done
+
+# The resumed causal-mediation sweep against TransformerLens' sweep on every committed CM1
+# ranking (101 min of run time in all, with 2-4 processes sharing the 2 cores; a second run with
+# --reverse takes rankings from the other end)
+python docs/results/check_cm.py

@@ -16,7 +16,8 @@ TASK_ORDER = [
     "capitalize", "present-past", "singular-plural", "capitalize_first_letter", "country-capital", "antonym",
     "choose_middle_of_3", "person-sport", "landmark_in_country", "verb_past_tense", "adjective_v_verb_3",
     "animal_v_object_3", "alphabetically_first_3", "product_by_company", "country_capital_city", "english-french",
-    "landmark-country", "person_plays_pro_sport",
+    "landmark-country", "person_plays_pro_sport", "company_hq", "synonym", "next_item", "prev_item",
+    "next_capital_letter",
 ]  # fmt: skip
 NAMES = {"ra": "RA", "fa": "FA", "cm1": "CM1", "cm2": "CM2", "atp": "AtP", "atp0": "AtP0", "random": "Random", "index": "Index"}
 MODELS = {"smollm2": "SmolLM2-135M", "gemma-3-270m": "Gemma 3 270M"}
