@@ -14,6 +14,16 @@ class CommandError(Exception):
     """A problem the user can fix on the command line: ``main`` prints it on one line, exit code 2."""
 
 
+def add_draw_argument(parser) -> None:
+    """``--draw current|0.1.0``: which seeded draw of demonstrations (``make_examples(draw=...)``)."""
+    from tl_reversed.core.options import DRAWS
+
+    parser.add_argument(
+        "--draw", choices=DRAWS, default="current",
+        help="demonstrations drawn as this version does (default) or as tl_reversed 0.1.0 did (its tables in docs/results)",
+    )  # fmt: skip
+
+
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",

@@ -30,6 +30,7 @@ import time
 
 from tl_reversed.commands.common import (
     Checkpoint,
+    add_draw_argument,
     add_model_argument,
     command_line,
     int_list,
@@ -37,7 +38,6 @@ from tl_reversed.commands.common import (
     markdown_table,
     writable_folder,
 )
-from tl_reversed.core.options import DRAWS
 
 
 def float_list(text: str) -> list[float]:
@@ -87,10 +87,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--tol", type=float, default=1e-3, help="with --steps auto: the relative loss improvement that counts (default 0.001)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the demonstrations")
     parser.add_argument("--template", type=int, default=0, help="relation tasks: which prompt template (default 0)")
-    parser.add_argument(
-        "--draw", choices=DRAWS, default="current",
-        help="demonstrations drawn as this version does (default) or as tl_reversed 0.1.0 did (its tables in docs/results)",
-    )  # fmt: skip
+    add_draw_argument(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     parser.add_argument("--out", default="out/patching", help="output folder (default out/patching)")
     parser.add_argument("--no-resume", action="store_true", help="recompute steps saved by an interrupted run")

@@ -22,6 +22,7 @@ import time
 
 from tl_reversed.commands.common import (
     Checkpoint,
+    add_draw_argument,
     add_model_argument,
     command_line,
     int_list,
@@ -78,10 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--n-score", type=int, default=25, help="training prompts the heads are scored on (default 25, as the paper)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, demonstrations, label shuffle and random order")
     parser.add_argument("--template", type=int, default=0, help="relation tasks: which prompt template (default 0)")
-    parser.add_argument(
-        "--draw", choices=options.DRAWS, default="current",
-        help="demonstrations drawn as this version does (default) or as tl_reversed 0.1.0 did (its tables in docs/results)",
-    )  # fmt: skip
+    add_draw_argument(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
     parser.add_argument("--out", default="out/perturbation", help="output folder (default out/perturbation)")
     parser.add_argument("--no-resume", action="store_true", help="recompute rankings saved by an interrupted run")
