@@ -24,6 +24,16 @@ def add_draw_argument(parser) -> None:
     )  # fmt: skip
 
 
+def draw_settings(draw: str) -> dict:
+    """The checkpoint settings that record ``--draw`` (none for the current draw, so its checkpoints keep their settings)."""
+    return {} if draw == "current" else {"draw": draw}
+
+
+def draw_note(draw: str) -> str:
+    """The words a table's Markdown adds after its seed when ``--draw`` is not the current draw."""
+    return "" if draw == "current" else f" (demonstrations drawn as tl_reversed {draw} did)"
+
+
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",

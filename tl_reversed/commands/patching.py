@@ -33,6 +33,8 @@ from tl_reversed.commands.common import (
     add_draw_argument,
     add_model_argument,
     command_line,
+    draw_note,
+    draw_settings,
     int_list,
     load_cli_model,
     markdown_table,
@@ -127,8 +129,7 @@ def run(args: argparse.Namespace) -> int:
     out = writable_folder(args.out)
     lrs = list(dict.fromkeys([*args.lrs, args.lr_ra, args.lr_fa, 0.0]))
     settings = {k: getattr(args, k) for k in ("model", "n_train", "n_test", "seed", "template", "batch_size")}
-    if args.draw != "current":  # (checkpoints of the current draw keep their settings)
-        settings["draw"] = args.draw
+    settings.update(draw_settings(args.draw))
     checkpoint = Checkpoint(out, f"{task}_patching", {"task": task, "lrs": lrs, "iter_lr": args.iter_lr, "steps": args.steps, "max_steps": args.max_steps, "tol": args.tol, **settings}, enabled=not args.no_resume)
     model = load_cli_model(args)
 
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         "added to every head's attention. *best lr* is the best of the sweep, chosen on the test prompts "
         "(an optimistic upper bound, not a held-out result).\n\n"
         f"{markdown}\n\nModel: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}"
-        f"{'' if args.draw == 'current' else f' (demonstrations drawn as tl_reversed {args.draw} did)'}; "
+        f"{draw_note(args.draw)}; "
         f"{seconds / 60:.1f} min of patching runs.\n\n```bash\n{command_line()}\n```\n"
     )
     plot_sweeps(table, sweep_table, iterative_table, task).savefig(out / f"{task}_sweep.png", dpi=110, bbox_inches="tight")

@@ -25,6 +25,8 @@ from tl_reversed.commands.common import (
     add_draw_argument,
     add_model_argument,
     command_line,
+    draw_note,
+    draw_settings,
     int_list,
     load_cli_model,
     markdown_table,
@@ -98,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
     task = load_task(args.task).name
     out = writable_folder(args.out)
     settings = {k: getattr(args, k) for k in ("model", "n", "n_score", "seed", "template", "batch_size")}
-    if args.draw != "current":  # (checkpoints of the current draw keep their settings)
-        settings["draw"] = args.draw
+    settings.update(draw_settings(args.draw))
     checkpoint = Checkpoint(out, f"{task}_perturbation", {"task": task, **settings}, enabled=not args.no_resume)
     model = load_cli_model(args)
 
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         f"↑: the ranking's own order (higher is better); ↓: reversed, least important first (lower is better).\n\n"
         f"{table}\n\n"
         f"Model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}"
-        f"{'' if args.draw == 'current' else f' (demonstrations drawn as tl_reversed {args.draw} did)'}; {'; '.join(notes)}; "
+        f"{draw_note(args.draw)}; {'; '.join(notes)}; "
         f"{seconds / 60:.1f} min of scoring and curves.\n\n"
         f"```bash\n{command_line()}\n```\n"
     )

@@ -258,11 +258,16 @@ def forward_last(model: Model, batch: Batch, hooks: Sequence[Hook] = ()) -> Floa
     only_last = last_position_hook(model, batch.last, beside=hooks)
     with torch.no_grad(), model.hooks(fwd_hooks=[*hooks, *([only_last] if only_last else [])]):  # type: ignore[operator]
         logits = model(batch.tokens.to(model_device(model)))
+    return at_last(logits, batch.last)
+
+
+def at_last(
+    logits: Float[Tensor, "batch pos d_vocab"], last: Int[Tensor, " batch"]
+) -> Float[Tensor, "batch d_vocab"]:
+    """Row ``i``'s logits at position ``last[i]``, float32 on the CPU (logits of one position are that position's)."""
     if logits.shape[1] == 1:
-        rows = logits[:, 0]
-    else:
-        rows = logits[torch.arange(len(batch), device=logits.device), batch.last.to(logits.device)]
-    return rows.float().cpu()
+        return logits[:, 0].float().cpu()
+    return logits[torch.arange(len(last), device=logits.device), last.to(logits.device)].float().cpu()
 
 
 # --------------------------------------------------------------------------- unembedding some positions

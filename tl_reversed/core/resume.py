@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_reversed.core.architecture import Model, ModelSpec, block_hook, hooks_at_unembed
-from tl_reversed.core.engine import Hook, forward_last, last_position_hook
+from tl_reversed.core.engine import Hook, at_last, forward_last, last_position_hook
 from tl_reversed.core.inputs import Batch
 
 _CACHE_KWARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
@@ -116,9 +116,7 @@ class Resume:
             only_last = last_position_hook(self.model, last, beside=hooks)
             with torch.no_grad(), self.model.hooks(fwd_hooks=[*hooks, *([only_last] if only_last else [])]):  # type: ignore[operator]
                 logits = self.model(resid, start_at_layer=layer)
-            if logits.shape[1] == 1:
-                return logits[:, 0].float().cpu()
-            return logits[torch.arange(len(last), device=logits.device), last.to(logits.device)].float().cpu()
+            return at_last(logits, last)
         args, kwargs = self.inputs[layer]
         hidden = _stack(args[0] if args else kwargs["hidden_states"], b, copies)
         with torch.no_grad(), self.model.hooks(fwd_hooks=list(hooks)):  # type: ignore[operator]
@@ -131,10 +129,9 @@ class Resume:
                     out = self.model.blocks[at](**{**rest, "hidden_states": hidden})  # type: ignore[attr-defined]
                 hidden = out[0] if isinstance(out, tuple) else out
             if hooks_at_unembed([name for name, _ in hooks]):
-                logits = self.model.unembed(self.model.ln_final(hidden))  # type: ignore[attr-defined]
-                return logits[torch.arange(len(last), device=logits.device), last.to(logits.device)].float().cpu()
-            at_last = hidden[torch.arange(len(last), device=hidden.device), last.to(hidden.device)][:, None]
-            return self.model.unembed(self.model.ln_final(at_last))[:, 0].float().cpu()  # type: ignore[attr-defined]
+                return at_last(self.model.unembed(self.model.ln_final(hidden)), last)  # type: ignore[attr-defined]
+            resid = hidden[torch.arange(len(last), device=hidden.device), last.to(hidden.device)][:, None]
+            return at_last(self.model.unembed(self.model.ln_final(resid)), last)  # type: ignore[attr-defined]
 
 
 def _detach(value: Any) -> Any:
