@@ -1,12 +1,20 @@
 """Collect the per-task CSVs under docs/results/ into the summary tables of README.md.
 
-    python docs/results/summarize.py          # prints Markdown to paste into README.md
+    python docs/results/summarize.py          # prints the tables as Markdown
+    python docs/results/summarize.py --write  # rebuilds README.md's round-2 section from them
+    python docs/results/summarize.py --check  # exits 1 (and shows the difference) if it is stale
 
-It also draws ``patching-structured[/<model>]/steps.png``: accuracy per step of iterative patching.
+The round-2 section is ``round2.md.in`` (its prose) with every ``{NAME}`` filled from the CSVs
+(:func:`round2_values`); tests/test_results_summary.py runs the check. Printing and ``--write``
+also draw ``patching-structured[/<model>]/steps.png``: accuracy per step of iterative patching.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import re
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -198,36 +206,55 @@ def patching() -> str:
     return table(header, rows)
 
 
-def perturbation(model: str = "smollm2") -> tuple[str, str]:
+def perturbation_frame(model: str) -> pd.DataFrame:
+    """Every ``*_auc.csv`` of one model's perturbation tables, in task order."""
     files = [f for folder in folders("perturbation", model) for f in sorted(folder.glob("*_auc.csv"))]
-    if not files:
+    return ordered(pd.concat([pd.read_csv(f) for f in files], ignore_index=True)) if files else pd.DataFrame()
+
+
+def informative(frame: pd.DataFrame) -> pd.DataFrame:
+    """The tests where the model gets something right with all heads (else every curve is 0)."""
+    return frame[frame["accuracy_all_heads"] >= 0.1]
+
+
+def method_means(model: str) -> tuple[int, dict[str, float], dict[str, int]]:
+    """Over the informative tests: their number, each method's mean AUC, and how often it is best (ties count)."""
+    frame = informative(perturbation_frame(model))
+    wins = {m: 0 for m in dict.fromkeys(frame["method"])}
+    for _, part in frame.groupby(["task", "shots"], sort=False):
+        best = part["auc"].round(3).max()
+        for m in part[part["auc"].round(3) == best]["method"]:
+            wins[m] += 1
+    means = {m: frame[frame["method"] == m]["auc"].mean() for m in wins}
+    return frame.groupby(["task", "shots"]).ngroups, means, wins
+
+
+def perturbation(model: str = "smollm2") -> tuple[str, str]:
+    frame = perturbation_frame(model)
+    if frame.empty:
         return "(no perturbation results yet)", ""
-    frame = ordered(pd.concat([pd.read_csv(f) for f in files], ignore_index=True))
     methods = list(dict.fromkeys(frame["method"]))
-    rows, wins = [], {m: [0] for m in methods}
+    rows = []
     for (task, shots), part in frame.groupby(["task", "shots"], sort=False):
         part = part.set_index("method")
         row: list[object] = [task, shots, f"{part['accuracy_all_heads'].iloc[0]:.2f}"]
         for m in methods:  # a method added to only some tables (atp0) is "-" elsewhere
             row.append(f"{part.loc[m, 'auc']:.2f} / {part.loc[m, 'auc_reverse']:.2f}" if m in part.index else "-")
-        best_own = part["auc"].round(3).max()
-        for m in methods:
-            wins[m][0] += int(m in part.index and round(part.loc[m, "auc"], 3) == best_own and part["accuracy_all_heads"].iloc[0] >= 0.1)
         rows.append(row)
     header = ["task", "shots", "acc. all heads"] + [f"{NAMES.get(m, m)} ↑ / ↓" for m in methods]
     # the method summary counts only tests where the model gets something right (else every curve is 0)
-    informative = frame[frame["accuracy_all_heads"] >= 0.1]
-    n_tests = informative.groupby(["task", "shots"]).ngroups
+    chosen = informative(frame)
+    n_tests, _, wins = method_means(model)
     summary_rows = []
     for m in methods:
-        mine = informative[informative["method"] == m]
+        mine = chosen[chosen["method"] == m]
         summary_rows.append(
             [
                 NAMES.get(m, m) + ("" if len(mine) == n_tests else f" ({len(mine)} tests)"),
                 f"{mine['auc'].mean():.3f}",
                 f"{mine['auc_reverse'].mean():.3f}",
                 f"{(mine['auc'] - mine['auc_reverse']).mean():.3f}",
-                wins[m][0],
+                wins.get(m, 0),
             ]
         )
     summary = table(
@@ -244,7 +271,129 @@ def section(title: str, *blocks: str, first: bool = False) -> None:
         print(f"\n{block}")
 
 
-if __name__ == "__main__":
+def minutes(folder: Path, suffix: str, what: str) -> str:
+    """The range of run times ``"{lo}-{hi}"`` that the tables ``*_{suffix}.md`` in ``folder`` state as "N min of {what}"."""
+    found = [float(m.group(1)) for f in folder.glob(f"*_{suffix}.md") if (m := re.search(rf"([\d.]+) min of {what}", f.read_text()))]
+    return f"{min(found):.0f}-{max(found):.0f}" if found else "?"
+
+
+def sparsity_verdict(model: str) -> str:
+    """In what share of (prompt, head) pairs and heads RA is the sparser map, by measure and shots (``sparsity/<model>/``)."""
+    frame = pd.read_csv(HERE / "sparsity" / model / "sparsity.csv")
+
+    def share(part: pd.DataFrame) -> tuple[float, float]:
+        return part["ra_sparser_pairs"].sum() / part["pairs"].sum(), part["ra_sparser_heads"].sum() / part["heads"].sum()
+
+    hoyer, top = share(frame[frame["measure"] == "hoyer"]), share(frame[frame["measure"] == "top_mass"])
+    by_shots = ", ".join(f"{a:.0%} / {b:.0%} at {k} shot{'' if k == 1 else 's'}"
+                         for k, part in frame[frame["measure"] == "top_mass"].groupby("shots") for a, b in [share(part)])  # fmt: skip
+    shots = " and ".join(str(k) for k in sorted(set(frame["shots"])))
+    prompts = f"{frame['n'].min()}" if frame["n"].min() == frame["n"].max() else f"{frame['n'].min()}-{frame['n'].max()}"
+    return (f"RA is the sparser map in {hoyer[0]:.0%} of (prompt, head) pairs and {hoyer[1]:.0%} of heads by the Hoyer index, "
+            f"{top[0]:.0%} and {top[1]:.0%} by top-5% mass ({by_shots}); {frame['task'].nunique()} tasks, {shots} shots, "
+            f"{prompts} prompts each")  # fmt: skip
+
+
+def structured_frame(model: str) -> pd.DataFrame:
+    folder = folders("patching-structured", model)[0]
+    return ordered(pd.concat([pd.read_csv(f) for f in sorted(folder.glob("*_patching.csv"))], ignore_index=True))
+
+
+def goal(model: str) -> dict[str, object]:
+    """The 90%-of-5-shot goal at 0 shots: tasks counted, met (every length / one length), and those short of it."""
+    frame, five = structured_frame(model), five_shot(model)
+    zero = frame[(frame["shots"] == 0) & frame["task"].map(lambda t: five.get(t, 0) >= 0.3)]
+    bar = zero["task"].map(five) * 0.9
+    short = zero[zero["structured_iterative"] < bar]
+    return {
+        "N": len(zero), "MET": int((zero["structured_iterative"] >= bar).sum()), "MET_ONE": int((zero["iterative"] >= bar).sum()),
+        "SHORT": ", ".join(f"{r.task} ({r.structured_iterative:.2f} vs {five[r.task]:.2f})" for r in short.itertuples()) or "none",
+    }  # fmt: skip
+
+
+def below_bar(model: str) -> tuple[str, list[str]]:
+    """Tasks under the 0.3 bar: their 0-shot iterative structured accuracy against 5-shot, and those not run yet."""
+    five = five_shot(model)
+    low = [t for t in TASK_ORDER if t in five and five[t] < 0.3]
+    frame = structured_frame(model)
+    zero = frame[frame["shots"] == 0].set_index("task")
+    done = ", ".join(f"{t} {zero.loc[t, 'all_original']:.2f} → {zero.loc[t, 'structured_iterative']:.2f} (5-shot {five[t]:.2f})"
+                     for t in low if t in zero.index)  # fmt: skip
+    return done or "none run yet", [t for t in low if t not in zero.index]
+
+
+def round2_values(figures: bool = False) -> dict[str, object]:
+    """Every ``{NAME}`` of ``round2.md.in``, computed from the CSVs (``figures``: also draw the steps figures)."""
+    if figures:
+        for model in MODELS:
+            steps_figure(model)
+    vals: dict[str, object] = {"ACCURACY": accuracy(), "AGREEMENT": agreement(), "SPARSITY": sparsity()}
+    for model, key in (("smollm2", "SMOL"), ("gemma-3-270m", "GEMMA")):
+        vals.update({f"{key}_{k}": v for k, v in goal(model).items()})
+        vals[f"{key}_SPARSE"] = sparsity_verdict(model)
+        vals[f"{key}_PATCH_MIN"] = minutes(folders("patching-structured", model)[0], "patching", "patching runs")
+        vals[f"{key}_BELOW"], todo = below_bar(model)
+        vals[f"{key}_BELOW_SO_FAR"] = " run so far" if todo else ""
+        vals[f"{key}_TODO"] = ", ".join(todo)
+        agree = pd.concat([pd.read_csv(f) for folder in folders("perturbation", model) for f in folder.glob("*_agreement.csv")])
+        vals[f"{key}_AGREE_N"] = int((agree["method"] == "ra").sum())
+        for m in ("atp0", "ra"):
+            vals[f"{key}_{m.upper()}_RHO"] = f"{agree[agree['method'] == m]['spearman'].mean():.2f}"
+    vals["STRUCT_SMOL"], vals["GOAL_SMOL"] = structured("smollm2")
+    vals["STRUCT_GEMMA"], vals["GOAL_GEMMA"] = structured("gemma-3-270m")
+    vals["PERT_GEMMA"], vals["WINS_GEMMA"] = perturbation("gemma-3-270m")
+    todo = [f"on {name} for {vals[key + '_TODO']}" for name, key in (("SmolLM2", "SMOL"), ("Gemma 3", "GEMMA")) if vals[key + "_TODO"]]
+    vals["BELOW_TODO"] = f"- **Structured patching on the tasks below the 0.3 bar** not run yet {'; '.join(todo)}.\n" if todo else ""
+    # the perturbation test: SmolLM2's informative tests, Gemma 3's five-shot tables
+    gemma = pd.concat([pd.read_csv(f) for f in (HERE / "perturbation-5shot" / "gemma-3-270m").glob("*_auc.csv")])
+    vals["GEMMA_PERT_N"] = gemma["task"].nunique()
+    vals["GEMMA_PERT_MIN"] = minutes(HERE / "perturbation-5shot" / "gemma-3-270m", "perturbation", "scoring and curves")
+    for m in ("ra", "cm1", "index", "atp0"):
+        vals["GEMMA_" + m.upper() + ("_AUC" if m == "atp0" else "")] = f"{gemma[gemma['method'] == m]['auc'].mean():.3f}"
+    for task, part in gemma.groupby("task"):  # the verdict says the layer order is best in every table
+        if round(part[part["method"] == "index"]["auc"].iloc[0], 3) != part["auc"].round(3).max():
+            raise SystemExit(f"Index is not the best method on Gemma 3's {task}: rewrite the verdict in round2.md.in")
+    n_tests, means, wins = method_means("smollm2")
+    vals["SMOL_PERT_N"], vals["SMOL_PERT_RA"], vals["SMOL_PERT_CM1"], vals["SMOL_PERT_RA_WINS"] = n_tests, f"{means['ra']:.3f}", f"{means['cm1']:.3f}", wins["ra"]
+    smol = informative(perturbation_frame("smollm2"))
+    with_atp0 = set(map(tuple, smol[smol["method"] == "atp0"][["task", "shots"]].values))
+    smol = smol[[(t, k) in with_atp0 for t, k in zip(smol["task"], smol["shots"])]]  # the tests that have atp0
+    for m in ("ra", "cm1", "atp0"):
+        vals["SMOL_" + m.upper() + "_AUC"] = f"{smol[smol['method'] == m]['auc'].mean():.3f}"
+    vals["SMOL_ATP0_N"] = int((smol["method"] == "atp0").sum())
+    cm = pd.read_csv(HERE / "cm-resume-check.csv")
+    speed = cm["tl_sweep_seconds"] / cm["seconds"]
+    vals.update(CM_CHECKED=len(cm), CM_MAXDIFF=f"{cm['max_abs_diff'].max():.1e}", CM_SPEED=f"{speed.min():.1f}-{speed.max():.1f}x",
+                CM_SPEARMAN=f"{cm['spearman'].min():.4f}" if cm["spearman"].min() < 0.99995 else "1.0000 in every one")  # fmt: skip
+    return vals
+
+
+def round2(figures: bool = False) -> str:
+    """README.md's round-2 section: ``round2.md.in`` filled from the CSVs."""
+    return (HERE / "round2.md.in").read_text().format(**round2_values(figures))
+
+
+def readme_with_round2(text: str, section: str) -> str:
+    """``text`` (README.md) with its round-2 section (from "## Round 2" to the next round-1 heading) replaced."""
+    start, end = text.index("## Round 2"), text.index("## Attention patching (the paper")
+    return text[:start] + section + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rebuild README.md's round-2 section from the CSVs")
+    mode.add_argument("--check", action="store_true", help="exit 1 if README.md's round-2 section differs from the CSVs")
+    args = parser.parse_args(argv)
+    readme = HERE / "README.md"
+    if args.write or args.check:
+        text = readme.read_text()
+        new = readme_with_round2(text, round2(figures=args.write))
+        if args.check:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), "README.md", "from the CSVs"))
+            return int(new != text)
+        readme.write_text(new)
+        return 0
     section("Which tasks each model solves", accuracy(), first=True)
     section("Agreement with causal mediation (CM1)", agreement())
     section("Sparsity", sparsity())
@@ -255,3 +404,8 @@ if __name__ == "__main__":
     section("Patching", patching())
     for model, name in MODELS.items():
         section(f"Perturbation: {name}", *perturbation(model))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

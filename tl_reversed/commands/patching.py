@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = Checkpoint(out, f"{task}_patching", {"task": task, "lrs": lrs, "iter_lr": args.iter_lr, "steps": args.steps, "max_steps": args.max_steps, "tol": args.tol, **settings}, enabled=not args.no_resume)
     model = load_cli_model(args)
 
-    rows, sweeps, iterations, structured_steps, seconds = [], [], [], [], 0.0
+    rows, sweeps, iterations, structured_steps, seconds, structured_seconds = [], [], [], [], 0.0, 0.0
     parts = ["ra", "fa"] + (["iterative"] if args.iterative else [])
     bar = tqdm(total=len(args.shots) * len(parts), desc=f"patching {task}", unit="step")
     for shots in args.shots:
@@ -178,8 +178,10 @@ def run(args: argparse.Namespace) -> int:
                 {"task": task, "shots": shots, "step": step, "lr": args.iter_lr, "accuracy": acc, "train_loss": loss}
                 for step, (acc, loss) in enumerate(zip(it.accuracy, it.train_loss))
             ]
-        if args.save:
+        if args.save:  # (not a checkpoint unit: a resumed run learns the structured patches again)
+            start = time.perf_counter()
             structured, steps = _save_structured(model, task, shots, common, args)
+            structured_seconds += time.perf_counter() - start
             row.update(structured)
             structured_steps += steps
         rows.append(row)
@@ -202,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
         "(an optimistic upper bound, not a held-out result).\n\n"
         f"{markdown}\n\nModel: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; seed {args.seed}"
         f"{draw_note(args.draw)}; "
-        f"{seconds / 60:.1f} min of patching runs.\n\n```bash\n{command_line()}\n```\n"
+        f"{seconds / 60:.1f} min of patching runs"
+        f"{f'; {structured_seconds / 60:.1f} min of structured patching' if args.save else ''}.\n\n```bash\n{command_line()}\n```\n"
     )
     plot_sweeps(table, sweep_table, iterative_table, task).savefig(out / f"{task}_sweep.png", dpi=110, bbox_inches="tight")
     checkpoint.clear()

@@ -1,0 +1,55 @@
+"""docs/results/README.md's round-2 section is what ``summarize.py`` makes of the committed CSVs,
+so its verdicts and tables cannot drift from the data; its pieces count what they say."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+@pytest.fixture(scope="module")
+def summarize():
+    spec = importlib.util.spec_from_file_location("summarize", RESULTS / "summarize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_round2_section_is_made_from_the_csvs(summarize):
+    text = (RESULTS / "README.md").read_text()
+    assert summarize.readme_with_round2(text, summarize.round2()) == text, "stale: run python docs/results/summarize.py --write"
+    assert summarize.main(["--check"]) == 0
+    assert not re.search(r"\{[A-Z_0-9]+\}", summarize.round2())  # every placeholder filled
+
+
+def test_only_the_round2_section_is_replaced(summarize):
+    text = "# top\n\n## Round 2: old\n\nold\n\n## Attention patching (the paper's Table 13)\n\nkept\n"
+    assert summarize.readme_with_round2(text, "## Round 2: new\n\n") == (
+        "# top\n\n## Round 2: new\n\n## Attention patching (the paper's Table 13)\n\nkept\n"
+    )
+
+
+def test_the_goal_counts_the_rows_of_the_tables(summarize):
+    """The 90%-of-5-shot goal recomputed by hand from the committed CSVs."""
+    for model in summarize.MODELS:
+        frame = pd.concat(pd.read_csv(f) for f in summarize.folders("patching-structured", model)[0].glob("*_patching.csv"))
+        acc = pd.read_csv(RESULTS / "accuracy" / model / "accuracy.csv")
+        five = {r.task: r.accuracy for r in acc[acc["shots"] == 5].itertuples()}
+        counted = [r for r in frame[frame["shots"] == 0].itertuples() if five[r.task] >= 0.3]
+        goal = summarize.goal(model)
+        assert goal["N"] == len(counted)
+        assert goal["MET"] == sum(r.structured_iterative >= 0.9 * five[r.task] for r in counted)
+        assert goal["MET_ONE"] == sum(r.iterative >= 0.9 * five[r.task] for r in counted)
+
+
+def test_the_sparsity_verdict_is_the_share_of_pairs(summarize):
+    frame = pd.read_csv(RESULTS / "sparsity" / "smollm2" / "sparsity.csv")
+    hoyer = frame[frame["measure"] == "hoyer"]
+    share = hoyer["ra_sparser_pairs"].sum() / hoyer["pairs"].sum()
+    assert summarize.sparsity_verdict("smollm2").startswith(f"RA is the sparser map in {share:.0%} of (prompt, head) pairs")
