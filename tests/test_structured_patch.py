@@ -177,6 +177,25 @@ def test_segments_match_the_embedded_tokenizer(embedded_model):
         assert [text[f"demo{i}.sep"] for i in range(2)] == ["\n\n", "\n\n"]
 
 
+@pytest.mark.embedded
+def test_segments_of_a_character_split_over_tokens(embedded_model):
+    """SmolLM2's byte-level tokenizer splits "œ" over two tokens, neither of which spells it:
+    each segment's tokens still decode to exactly that segment's text, and both halves of
+    "œ" stay in the answer's segment (english-french's prompts broke this)."""
+    tokenizer = embedded_model.tokenizer
+    for prompt in ("Q: implement\nA: mettre en œuvre\n\nQ: main\nA:", "Q: heart\nA: cœur\n\nQ: œil\nA:"):
+        ids = [int(t) for t in embedded_model.to_tokens(prompt)[0]]
+        assert "".join(embedded_model.to_str_tokens(prompt)[1:]) != prompt  # the fallback is taken
+        spans = token_segments(embedded_model, prompt)
+        assert spans[0] == ("bos", 0, 1) and spans[-1][2] == len(ids)
+        assert [a for _, a, _ in spans[1:]] == [b for _, _, b in spans[:-1]]  # contiguous
+        chars = {}
+        for name, a, b in prompt_segments(prompt):
+            chars[name] = chars.get(name, "") + prompt[a:b]
+        for name, a, b in spans[1:]:
+            assert tokenizer.decode(ids[a:b], clean_up_tokenization_spaces=False) == chars[name], name
+
+
 def test_apply_patch_top_tokens_and_missing_file(model, tmp_path, capsys):
     from tl_reversed.commands.apply_patch import top_tokens
     from tl_reversed.commands.cli import main

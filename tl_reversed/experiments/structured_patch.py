@@ -8,7 +8,8 @@ A :class:`StructuredPatch` is the same average expressed on the prompt *template
   (:func:`tl_reversed.experiments.tasks.prompt_segments`: ``bos``, each demonstration's
   ``Q:``/input/``A:``/answer/separator, the query's ``Q:``/input/``A:``; relation
   prompts likewise), and each token is assigned to the segment holding its first
-  character (:func:`token_segments`, checked against the model's token strings).
+  character (:func:`token_segments`, checked against the model's token strings, or
+  against its decoded tokens where a character is split over tokens).
 * **Cells.** A token's coordinate, its *cell*, is ``"segment@offset"``: its segment and
   its offset from the segment's start. Fixed template text (``Q:``, ``\\nA:``, the
   final ``A:`` whose last token reads the answer) has the same cells in every prompt,
@@ -33,6 +34,7 @@ batch getting its own ``delta_row``, exactly like
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -67,26 +69,40 @@ def token_segments(model: Model, prompt: str, template: str | None = None) -> li
     The model's BOS (if it prepends one) is the segment ``"bos"``; every other token
     belongs to the segment holding its first character (see
     :func:`tl_reversed.experiments.tasks.prompt_segments`). Segments without a token of
-    their own are left out.
+    their own are left out. Where a character is split over several tokens (byte-level
+    tokenizers split "œ" in two), its tokens all start at that character.
     """
-    strings = [str(s) for s in model.to_str_tokens(prompt)]  # type: ignore[operator]
-    if "".join(strings) == prompt:
-        bos = 0
-    elif len(strings) > 1 and "".join(strings[1:]) == prompt:
-        bos = 1
-    else:
-        raise ValueError(f"the model's token strings of {prompt!r} do not spell the prompt, so its segments cannot be located")
+    bos, starts = _token_starts(model, prompt)
     chars = prompt_segments(prompt, template)
     spans: list[Segment] = [("bos", 0, 1)] if bos else []
-    pos = 0
-    for i, text in enumerate(strings[bos:], start=bos):
+    for i, pos in enumerate(starts, start=bos):
         name = next(n for n, a, b in chars if a <= pos < b)
         if spans and spans[-1][0] == name:
             spans[-1] = (name, spans[-1][1], i + 1)
         else:
             spans.append((name, i, i + 1))
-        pos += len(text)
     return spans
+
+
+def _token_starts(model: Model, prompt: str) -> tuple[int, list[int]]:
+    """Whether ``model.to_tokens(prompt)`` starts with a BOS (0 or 1), and each later token's first character in ``prompt``.
+
+    The token strings spell the prompt for most prompts; where they do not (a character
+    split over tokens decodes to a replacement character in each part), token ``i``
+    starts at the length of the longest prefix of ``prompt`` that the tokens before it
+    decode to.
+    """
+    strings = [str(s) for s in model.to_str_tokens(prompt)]  # type: ignore[operator]
+    for bos in (0, 1):
+        if len(strings) > bos and "".join(strings[bos:]) == prompt:
+            return bos, [len("".join(strings[bos:i])) for i in range(bos, len(strings))]
+    ids = [int(t) for t in model.to_tokens(prompt)[0]]  # type: ignore[operator]
+    decode = getattr(getattr(model, "tokenizer", None), "decode", None)
+    for bos in (0, 1):
+        if decode is not None and len(ids) > bos and decode(ids[bos:], clean_up_tokenization_spaces=False) == prompt:
+            prefixes = [decode(ids[bos:i], clean_up_tokenization_spaces=False) for i in range(bos, len(ids))]
+            return bos, [len(os.path.commonprefix([text, prompt])) for text in prefixes]
+    raise ValueError(f"the model's tokens of {prompt!r} do not decode to the prompt, so its segments cannot be located")
 
 
 def token_cells(model: Model, prompt: str, template: str | None) -> list[str]:
