@@ -53,3 +53,43 @@ def test_the_sparsity_verdict_is_the_share_of_pairs(summarize):
     hoyer = frame[frame["measure"] == "hoyer"]
     share = hoyer["ra_sparser_pairs"].sum() / hoyer["pairs"].sum()
     assert summarize.sparsity_verdict("smollm2").startswith(f"RA is the sparser map in {share:.0%} of (prompt, head) pairs")
+
+
+# --------------------------------------------------------------------------- the scripts that made the tables
+
+
+def recorded_commands(script: Path, tmp_path: Path) -> list[list[str]]:
+    """Every command ``script`` runs, recorded instead of run: ``tl-reversed``, ``python`` and ``cp``
+    are shell functions that write their arguments to a file (loops and helpers run as written)."""
+    import subprocess
+
+    log = tmp_path / f"{script.stem}.argv"
+    fake = (f'record() {{ printf "%s\\037" "$@" >> "{log}"; printf "\\036" >> "{log}"; }}; '
+            'tl-reversed() { record tl-reversed "$@"; }; python() { record python "$@"; }; cp() { :; }; ')  # fmt: skip
+    subprocess.run(["bash", "-c", f"{fake} source {script}"], check=True, cwd=RESULTS.parents[1], env={"PATH": "/usr/bin:/bin"})
+    return [entry.split("\x1f")[:-1] for entry in log.read_text().split("\x1e")[:-1]] if log.exists() else []
+
+
+@pytest.mark.parametrize("script", sorted(RESULTS.glob("*.sh")), ids=lambda p: p.name)
+def test_every_command_of_the_results_scripts_parses(script, tmp_path):
+    """The commands the README points to still parse with today's CLI, with task names that exist."""
+    from tl_reversed.commands.cli import build_parser
+    from tl_reversed.experiments.tasks import load_task
+
+    commands = recorded_commands(script, tmp_path)
+    assert commands, f"{script.name} runs no command"
+    parsed = 0
+    for argv in commands:
+        if argv[:3] == ["python", "-m", "tl_reversed.commands.cli"]:
+            argv = ["tl-reversed", *argv[3:]]
+        if argv[0] != "tl-reversed":
+            assert argv[0] == "python" and (script.parents[2] / argv[1]).exists(), argv
+            continue
+        try:
+            args = build_parser().parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"{script.name}: {' '.join(argv)} does not parse")
+        for task in [args.task] if isinstance(getattr(args, "task", None), str) else getattr(args, "task", None) or []:
+            load_task(task)
+        parsed += 1
+    assert parsed

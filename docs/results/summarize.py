@@ -78,9 +78,16 @@ def informative_tasks(model: str = "smollm2", shots: int = 5, floor: float = 0.3
     return frame[(frame["shots"] == shots) & (frame["accuracy"] >= floor)]["task"].tolist()
 
 
+LARGE = "perturbation-5shot-25-60"
+"""SmolLM2's five-shot perturbation tables with the evidence issue's 25 scoring / 60 test prompts and eight methods."""
+
+
 def folders(kind: str, model: str) -> list[Path]:
-    """Result folders of one kind (``perturbation``, ``patching-structured``) for one model: the
-    top-level folders hold SmolLM2's tables, ``<kind>/<model>/`` another model's."""
+    """Result folders of one kind (``perturbation``, ``patching-structured``, ...) for one model: the
+    top-level folders hold SmolLM2's tables, ``<kind>/<model>/`` another model's. ``perturbation``
+    is the paper's tables (round 1's for SmolLM2); ``agreement`` adds SmolLM2's :data:`LARGE` ones."""
+    if kind == "agreement":
+        return folders("perturbation", model) + (folders(LARGE, model) if model == "smollm2" else [])
     kinds = ["perturbation", "perturbation-5shot"] if kind == "perturbation" else [kind]
     return [HERE / k if model == "smollm2" else HERE / k / model for k in kinds]
 
@@ -89,7 +96,7 @@ def agreement() -> str:
     """Spearman and Recall@K of each ranking against CM1, from every ``*_agreement.csv``, per model."""
     rows, recalls = [], []
     for model, name in MODELS.items():
-        files = sorted(f for folder in folders("perturbation", model) for f in folder.glob("*_agreement.csv"))
+        files = sorted(f for folder in folders("agreement", model) for f in folder.glob("*_agreement.csv"))
         if not files:
             continue
         frame = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
@@ -190,8 +197,9 @@ def steps_figure(model: str = "smollm2", shots: int = 0) -> Path | None:
     return out
 
 
-def patching() -> str:
-    files = sorted((HERE / "patching").glob("*_patching.csv"))
+def patching(model: str = "smollm2") -> str:
+    """The paper's patching table (one length; ``patching/``, another model's under ``patching/<model>/``)."""
+    files = sorted(folders("patching", model)[0].glob("*_patching.csv"))
     if not files:
         return "(no patching results yet)"
     frame = ordered(pd.concat([pd.read_csv(f) for f in files], ignore_index=True))
@@ -206,9 +214,9 @@ def patching() -> str:
     return table(header, rows)
 
 
-def perturbation_frame(model: str) -> pd.DataFrame:
-    """Every ``*_auc.csv`` of one model's perturbation tables, in task order."""
-    files = [f for folder in folders("perturbation", model) for f in sorted(folder.glob("*_auc.csv"))]
+def perturbation_frame(model: str, kind: str = "perturbation") -> pd.DataFrame:
+    """Every ``*_auc.csv`` of one model's perturbation tables (of ``kind``, see :func:`folders`), in task order."""
+    files = [f for folder in folders(kind, model) for f in sorted(folder.glob("*_auc.csv"))]
     return ordered(pd.concat([pd.read_csv(f) for f in files], ignore_index=True)) if files else pd.DataFrame()
 
 
@@ -217,9 +225,9 @@ def informative(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["accuracy_all_heads"] >= 0.1]
 
 
-def method_means(model: str) -> tuple[int, dict[str, float], dict[str, int]]:
+def method_means(model: str, kind: str = "perturbation") -> tuple[int, dict[str, float], dict[str, int]]:
     """Over the informative tests: their number, each method's mean AUC, and how often it is best (ties count)."""
-    frame = informative(perturbation_frame(model))
+    frame = informative(perturbation_frame(model, kind))
     wins = {m: 0 for m in dict.fromkeys(frame["method"])}
     for _, part in frame.groupby(["task", "shots"], sort=False):
         best = part["auc"].round(3).max()
@@ -229,8 +237,9 @@ def method_means(model: str) -> tuple[int, dict[str, float], dict[str, int]]:
     return frame.groupby(["task", "shots"]).ngroups, means, wins
 
 
-def perturbation(model: str = "smollm2") -> tuple[str, str]:
-    frame = perturbation_frame(model)
+def perturbation(model: str = "smollm2", kind: str = "perturbation") -> tuple[str, str]:
+    """The perturbation table (AUC both orders per task) and the per-method summary over the informative tests."""
+    frame = perturbation_frame(model, kind)
     if frame.empty:
         return "(no perturbation results yet)", ""
     methods = list(dict.fromkeys(frame["method"]))
@@ -244,7 +253,7 @@ def perturbation(model: str = "smollm2") -> tuple[str, str]:
     header = ["task", "shots", "acc. all heads"] + [f"{NAMES.get(m, m)} ↑ / ↓" for m in methods]
     # the method summary counts only tests where the model gets something right (else every curve is 0)
     chosen = informative(frame)
-    n_tests, _, wins = method_means(model)
+    n_tests, _, wins = method_means(model, kind)
     summary_rows = []
     for m in methods:
         mine = chosen[chosen["method"] == m]
@@ -322,6 +331,26 @@ def below_bar(model: str) -> tuple[str, list[str]]:
     return done or "none run yet", [t for t in low if t not in zero.index]
 
 
+def five_shot_tables(model: str, kind: str) -> tuple[str, str]:
+    """The five-shot tables with 25 scoring / 60 test prompts run so far: a verdict clause, and a
+    *Not measured yet* bullet naming the informative tasks still without one (empty when none)."""
+    frame = perturbation_frame(model, kind)
+    frame = frame[frame["shots"] == 5] if not frame.empty else frame
+    done = list(dict.fromkeys(frame["task"])) if not frame.empty else []
+    todo = [t for t in ordered(pd.DataFrame({"task": informative_tasks(model), "shots": 5}))["task"] if t not in done]
+    name = MODELS[model]
+    took = f" One took {minutes(folders(kind, model)[0], 'perturbation', 'scoring and curves')} minutes on one shared core." if done else ""
+    bullet = (f"- **Five-shot perturbation tables on {name}** with 25 scoring / 60 test prompts and eight methods "
+              f"(issue 14): {len(done)} of its {len(done) + len(todo)} informative tasks are in; not run yet: {', '.join(todo)}."
+              f"{took}\n") if todo else ""  # fmt: skip
+    if not done:
+        return "The five-shot tables with 25 scoring / 60 test prompts are not run.", bullet
+    means = {m: frame[frame["method"] == m]["auc"].mean() for m in dict.fromkeys(frame["method"])}
+    best = max(means, key=means.get)
+    return (f"With 25 scoring / 60 test prompts at five shots ({', '.join(done)}): mean AUC RA {means['ra']:.3f}, "
+            f"CM1 {means['cm1']:.3f}, best {NAMES.get(best, best)} {means[best]:.3f}."), bullet  # fmt: skip
+
+
 def round2_values(figures: bool = False) -> dict[str, object]:
     """Every ``{NAME}`` of ``round2.md.in``, computed from the CSVs (``figures``: also draw the steps figures)."""
     if figures:
@@ -335,13 +364,19 @@ def round2_values(figures: bool = False) -> dict[str, object]:
         vals[f"{key}_BELOW"], todo = below_bar(model)
         vals[f"{key}_BELOW_SO_FAR"] = " run so far" if todo else ""
         vals[f"{key}_TODO"] = ", ".join(todo)
-        agree = pd.concat([pd.read_csv(f) for folder in folders("perturbation", model) for f in folder.glob("*_agreement.csv")])
+        agree = pd.concat([pd.read_csv(f) for folder in folders("agreement", model) for f in folder.glob("*_agreement.csv")])
         vals[f"{key}_AGREE_N"] = int((agree["method"] == "ra").sum())
         for m in ("atp0", "ra"):
             vals[f"{key}_{m.upper()}_RHO"] = f"{agree[agree['method'] == m]['spearman'].mean():.2f}"
     vals["STRUCT_SMOL"], vals["GOAL_SMOL"] = structured("smollm2")
     vals["STRUCT_GEMMA"], vals["GOAL_GEMMA"] = structured("gemma-3-270m")
     vals["PERT_GEMMA"], vals["WINS_GEMMA"] = perturbation("gemma-3-270m")
+    vals["PATCH_GEMMA"] = patching("gemma-3-270m")
+    vals["PERT_SMOL5"], vals["WINS_SMOL5"] = perturbation("smollm2", LARGE)
+    vals["SMOL5_MIN"] = minutes(HERE / LARGE, "perturbation", "scoring and curves")
+    vals["SMOL5_VERDICT"], vals["SMOL5_TODO"] = five_shot_tables("smollm2", LARGE)
+    _, vals["GEMMA_TODO_PERT"] = five_shot_tables("gemma-3-270m", "perturbation-5shot")
+    vals["GEMMA_PATCH5_MIN"] = minutes(HERE / "patching" / "gemma-3-270m", "patching", "patching runs")
     todo = [f"on {name} for {vals[key + '_TODO']}" for name, key in (("SmolLM2", "SMOL"), ("Gemma 3", "GEMMA")) if vals[key + "_TODO"]]
     vals["BELOW_TODO"] = f"- **Structured patching on the tasks below the 0.3 bar** not run yet {'; '.join(todo)}.\n" if todo else ""
     # the perturbation test: SmolLM2's informative tests, Gemma 3's five-shot tables
