@@ -151,7 +151,7 @@ def structured(model: str = "smollm2") -> tuple[str, str]:
                 met_struct.append(r.task)
     header = ["task", "shots", "one length: original (n)", "one length: iterative RA, auto", "every length: original (n)",
               "structured RA (-30)", "iterative structured RA, auto", "structured, top 1/5/10/25% heads", "5-shot accuracy"]  # fmt: skip
-    goal = (f"0-shot tasks with 5-shot accuracy >= 0.3 run so far: {len(counted)}. Patched 0-shot accuracy at least 90% of "
+    goal = (f"0-shot tasks with 5-shot accuracy >= 0.3: {len(counted)}. Patched 0-shot accuracy at least 90% of "
             f"the model's own 5-shot accuracy: iterative RA on one length in {len(met_same)} ({', '.join(met_same) or 'none'}); "
             f"iterative structured RA on every length in {len(met_struct)} ({', '.join(met_struct) or 'none'}).")  # fmt: skip
     return table(header, rows), goal
@@ -328,6 +328,9 @@ def below_bar(model: str) -> tuple[str, list[str]]:
     zero = frame[frame["shots"] == 0].set_index("task")
     done = ", ".join(f"{t} {zero.loc[t, 'all_original']:.2f} → {zero.loc[t, 'structured_iterative']:.2f} (5-shot {five[t]:.2f})"
                      for t in low if t in zero.index)  # fmt: skip
+    above = [t for t in low if t in zero.index and zero.loc[t, "structured_iterative"] >= 0.9 * five[t]]
+    if above:
+        done += f" (at least 90% of the 5-shot accuracy in {len(above)} of {sum(t in zero.index for t in low)})"
     return done or "none run yet", [t for t in low if t not in zero.index]
 
 
