@@ -307,3 +307,44 @@ def test_iterative_structured_on_one_length_is_iterative_patching(model, tmp_pat
     assert torch.equal(loaded.patch.maps, a.patch.maps) and loaded.patch.cells == a.patch.cells
     with pytest.raises(ValueError, match="steps"):
         iterative_structured(model, train, test, steps=0)
+
+
+@pytest.mark.embedded
+def test_a_killed_patching_run_resumes_with_its_structured_units(embedded_model, tmp_path, monkeypatch):
+    """``tl-reversed patching --save`` keeps each shot count's structured part as a checkpoint unit:
+    a rerun after a kill learns only the patches whose unit or file is missing, and writes the
+    kept numbers."""
+    import json
+
+    import pandas as pd
+
+    from tl_reversed.commands import patching
+    from tl_reversed.commands.cli import main
+
+    monkeypatch.setattr(patching, "load_cli_model", lambda args: embedded_model)
+    out, save = tmp_path / "out", tmp_path / "p.safetensors"
+    argv = ["patching", "--task", "capitalize", "--shots", "0,1", "--n-train", "3", "--n-test", "3", "--lrs=-30",
+            "--iterative", "--steps", "1", "--save", str(save), "--out", str(out)]  # fmt: skip
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    plot_sweeps = patching.plot_sweeps
+    monkeypatch.setattr(patching, "plot_sweeps", killed)  # killed after every unit is done
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    units = out / ".partial" / "capitalize_patching"
+    kept = {k: json.loads((units / f"{k}-shot_structured.json").read_text())["info"] for k in (0, 1)}
+    (tmp_path / "p_0shot.safetensors").unlink()  # the 0-shot patch is gone: that unit is redone
+
+    monkeypatch.setattr(patching, "plot_sweeps", plot_sweeps)
+    learn, learned = patching._save_structured, []
+    monkeypatch.setattr(patching, "_save_structured", lambda model, task, shots, *rest: learned.append(shots) or learn(model, task, shots, *rest))
+    assert main(argv) == 0
+    assert learned == [0] and (tmp_path / "p_0shot.safetensors").exists() and not units.exists()
+    table = pd.read_csv(out / "capitalize_patching.csv").set_index("shots")
+    for name, value in kept[1]["row"].items():
+        assert table.loc[1, name] == pytest.approx(value, abs=1e-4)
+    steps = pd.read_csv(out / "capitalize_structured_steps.csv")
+    assert steps[steps["shots"] == 1]["accuracy"].tolist() == pytest.approx([r["accuracy"] for r in kept[1]["steps"]], abs=1e-4)
+    assert kept[0]["row"]["structured"] == pytest.approx(table.loc[0, "structured"], abs=1e-4)  # redone: same numbers

@@ -26,7 +26,9 @@ on every length, its accuracy and training loss per step in ``{task}_structured_
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from tl_reversed.commands.common import (
     Checkpoint,
@@ -178,10 +180,9 @@ def run(args: argparse.Namespace) -> int:
                 {"task": task, "shots": shots, "step": step, "lr": args.iter_lr, "accuracy": acc, "train_loss": loss}
                 for step, (acc, loss) in enumerate(zip(it.accuracy, it.train_loss))
             ]
-        if args.save:  # (not a checkpoint unit: a resumed run learns the structured patches again)
-            start = time.perf_counter()
-            structured, steps = _save_structured(model, task, shots, common, args)
-            structured_seconds += time.perf_counter() - start
+        if args.save:
+            structured, steps, took = _structured_unit(checkpoint, model, task, shots, common, args)
+            structured_seconds += took
             row.update(structured)
             structured_steps += steps
         rows.append(row)
@@ -218,6 +219,37 @@ SPARSE_FRACTIONS = (0.01, 0.05, 0.10, 0.25, 1.0)
 """With ``--save``: the structured patch is also tested on only the top k heads by its norm."""
 
 
+def _structured_unit(checkpoint: Checkpoint, model, task: str, shots: int, common: dict, args: argparse.Namespace) -> tuple[dict, list[dict], float]:
+    """:func:`_save_structured` as a checkpoint unit: its table columns, step rows and seconds.
+
+    The unit keeps plain numbers only (in the record's ``info``); it counts as done while
+    the patch file it saved is still there.
+    """
+    import pandas as pd
+
+    key, path = f"{shots}-shot_structured", _patch_path(args, shots)
+    saved = checkpoint.load(key)
+    if saved is not None and path.exists():
+        info = saved[1]
+        print(f"the structured {shots}-shot patch is {path} (kept from the interrupted run)")
+        return info["row"], info["steps"], info["seconds"]
+    start = time.perf_counter()
+    row, steps = _save_structured(model, task, shots, common, args)
+    seconds = time.perf_counter() - start
+    plain = json.loads(pd.DataFrame(steps).to_json(orient="records")) if steps else []
+    row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+    checkpoint.save(key, {}, {"row": row, "steps": plain, "seconds": seconds})
+    return row, plain, seconds
+
+
+def _patch_path(args: argparse.Namespace, shots: int) -> Path:
+    """Where ``--save`` puts the structured patch of ``shots`` (``PATCH_{shots}shot`` for several shot counts)."""
+    path = Path(args.save)
+    if len(args.shots) > 1:
+        path = path.with_name(f"{path.stem}_{shots}shot{path.suffix or '.safetensors'}")
+    return path
+
+
 def _save_structured(model, task: str, shots: int, common: dict, args: argparse.Namespace) -> tuple[dict, list[dict]]:
     """Learn the structured RA patch on training prompts of every length, save it, test it on every length.
 
@@ -227,8 +259,6 @@ def _save_structured(model, task: str, shots: int, common: dict, args: argparse.
     ``structured_iterative``, its chosen step and its best step's accuracy). Returns the
     table's columns and, with ``--iterative``, one row per step (``{task}_structured_steps.csv``).
     """
-    from pathlib import Path
-
     from tl_reversed.experiments.iterative_structured import iterative_structured
     from tl_reversed.experiments.structured_patch import sparse_patching, structured_maps
     from tl_reversed.experiments.tasks import load_task, make_examples
@@ -238,9 +268,7 @@ def _save_structured(model, task: str, shots: int, common: dict, args: argparse.
     train = make_examples(task, split="train", n=args.n_train, **common)
     test = make_examples(task, split="test", n=args.n_test, **common)
     patch = structured_maps(model, train, "ra", lr=args.lr_ra, template=template, batch_size=args.batch_size)
-    path = Path(args.save)
-    if len(args.shots) > 1:
-        path = path.with_name(f"{path.stem}_{shots}shot{path.suffix or '.safetensors'}")
+    path = _patch_path(args, shots)
     patch.save(path)
     print(f"saved the structured {shots}-shot patch to {path}")
     sparse = sparse_patching(model, patch, test, SPARSE_FRACTIONS, batch_size=args.batch_size)
