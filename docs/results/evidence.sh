@@ -2,7 +2,7 @@
 # Round 2 tables (issues 14 and 15): the exact commands. One thread, seed 0, as the other scripts.
 # CPU budget on 2 shared cores: accuracy ~10 min per model (SmolLM2) to ~1 h (Gemma 3);
 # sparsity 1-3 min per task; atp0 rows 1-11 min per table; a five-shot perturbation task
-# with 25 scoring / 60 test prompts and eight methods: 40-46 min on Gemma 3 (72 heads; the
+# with 25 scoring / 60 test prompts and eight methods: 17-46 min on Gemma 3 (72 heads; the
 # SmolLM2 ones state their time in their Markdown); structured patching with 0 and 1 shots
 # 2-43 min per task on SmolLM2 and 9-33 min on Gemma 3 (one thread each, 2-4 runs sharing
 # the 2 cores).
