@@ -28,6 +28,28 @@ def test_the_round2_section_is_made_from_the_csvs(summarize):
     assert not re.search(r"\{[A-Z_0-9]+\}", summarize.round2())  # every placeholder filled
 
 
+def test_the_top_readme_results_are_made_from_the_csvs(summarize):
+    """README.md's "Results on the embedded model" bullets are readme.md.in filled from the CSVs."""
+    text = summarize.TOP_README.read_text()
+    block = summarize.readme_block()
+    assert summarize.readme_with_block(text, block) == text, "stale: run python docs/results/summarize.py --write"
+    assert not re.search(r"\{[A-Z_0-9]+\}", block)
+    assert text.count(summarize.BLOCK[0]) == text.count(summarize.BLOCK[1]) == 1
+    text = "a\n" + summarize.BLOCK[0] + "old\n" + summarize.BLOCK[1] + "b\n"
+    assert summarize.readme_with_block(text, "new\n") == "a\n" + summarize.BLOCK[0] + "new\n" + summarize.BLOCK[1] + "b\n"
+
+
+def test_the_standing_names_the_methods_ahead_of_ra(summarize):
+    """RA's place by mean AUC, recomputed from the committed Gemma 3 tables."""
+    frame = summarize.informative(summarize.perturbation_frame("gemma-3-270m", "perturbation-5shot"))
+    means = frame.groupby("method")["auc"].mean().sort_values(ascending=False)
+    ahead = list(means.index[: list(means.index).index("ra")])
+    words = summarize.standing("gemma-3-270m", "perturbation-5shot")
+    assert words.startswith(summarize.ORDINALS[len(ahead)])
+    assert all(summarize.SPOKEN[m] in words for m in ahead)
+    assert f"{means['ra']:.2f}" in words
+
+
 def test_only_the_round2_section_is_replaced(summarize):
     text = "# top\n\n## Round 2: old\n\nold\n\n## Attention patching (the paper's Table 13)\n\nkept\n"
     assert summarize.readme_with_round2(text, "## Round 2: new\n\n") == (

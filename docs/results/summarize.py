@@ -1,11 +1,13 @@
 """Collect the per-task CSVs under docs/results/ into the summary tables of README.md.
 
     python docs/results/summarize.py          # prints the tables as Markdown
-    python docs/results/summarize.py --write  # rebuilds README.md's round-2 section from them
-    python docs/results/summarize.py --check  # exits 1 (and shows the difference) if it is stale
+    python docs/results/summarize.py --write  # rebuilds README.md's round-2 section (and the top README's results in short)
+    python docs/results/summarize.py --check  # exits 1 (and shows the difference) if either is stale
 
 The round-2 section is ``round2.md.in`` (its prose) with every ``{NAME}`` filled from the CSVs
-(:func:`round2_values`); tests/test_results_summary.py runs the check. Printing and ``--write``
+(:func:`round2_values`); the top README's "Results on the embedded model" bullets are
+``readme.md.in`` filled the same way (:func:`readme_block`, between the :data:`BLOCK` markers).
+tests/test_results_summary.py runs the check. Printing and ``--write``
 also draw ``patching-structured[/<model>]/steps.png``: accuracy per step of iterative patching.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
+TOP_README = HERE.parents[1] / "README.md"
 TASK_ORDER = [
     "capitalize", "present-past", "singular-plural", "capitalize_first_letter", "country-capital", "antonym",
     "choose_middle_of_3", "person-sport", "landmark_in_country", "verb_past_tense", "adjective_v_verb_3",
@@ -284,13 +287,19 @@ def minutes(folder: Path, suffix: str, what: str) -> str:
     return f"{min(found):.0f}-{max(found):.0f}" if found else "?"
 
 
+def _sparser_share(part: pd.DataFrame) -> tuple[float, float]:
+    """The share of (prompt, head) pairs and of heads in which RA is the sparser map."""
+    return part["ra_sparser_pairs"].sum() / part["pairs"].sum(), part["ra_sparser_heads"].sum() / part["heads"].sum()
+
+
+def sparsity_frame(model: str) -> pd.DataFrame:
+    """One model's sparsity table (``sparsity/<model>/sparsity.csv``)."""
+    return pd.read_csv(HERE / "sparsity" / model / "sparsity.csv")
+
+
 def sparsity_verdict(model: str) -> str:
     """In what share of (prompt, head) pairs and heads RA is the sparser map, by measure and shots (``sparsity/<model>/``)."""
-    frame = pd.read_csv(HERE / "sparsity" / model / "sparsity.csv")
-
-    def share(part: pd.DataFrame) -> tuple[float, float]:
-        return part["ra_sparser_pairs"].sum() / part["pairs"].sum(), part["ra_sparser_heads"].sum() / part["heads"].sum()
-
+    frame, share = sparsity_frame(model), _sparser_share
     hoyer, top = share(frame[frame["measure"] == "hoyer"]), share(frame[frame["measure"] == "top_mass"])
     by_shots = ", ".join(f"{a:.0%} / {b:.0%} at {k} shot{'' if k == 1 else 's'}"
                          for k, part in frame[frame["measure"] == "top_mass"].groupby("shots") for a, b in [share(part)])  # fmt: skip
@@ -368,6 +377,75 @@ def ranking_verdict(model: str, kind: str = "perturbation") -> str:
             f"({listed}); best ↑ per table: {best}")  # fmt: skip
 
 
+SPOKEN = {"cm1": "CM1", "cm2": "CM2", "fa": "forward attention", "atp": "AtP", "atp0": "`atp0`", "random": "the random order", "index": "the layer order"}
+
+
+def standing(model: str, kind: str = "perturbation") -> str:
+    """Where RA stands by mean AUC over the informative tests, in words, with the methods ahead of it."""
+    _, means, _ = method_means(model, kind)
+    order = sorted(means, key=lambda m: -means[m])
+    place, ahead = ORDINALS[order.index("ra")], order[: order.index("ra")]
+    if not ahead:
+        runner = order[1]
+        return f"first on average (mean AUC {means['ra']:.2f}, {SPOKEN.get(runner, runner)} {means[runner]:.2f})"
+    names = [SPOKEN.get(m, m) for m in ahead]
+    behind = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{place} on average, behind {behind} (mean AUC {means['ra']:.2f} against {', '.join(f'{means[m]:.2f}' for m in ahead)})"
+
+
+def five_shot_count(model: str, kind: str) -> tuple[list[str], list[str]]:
+    """The informative tasks with a five-shot table of ``kind`` (25 / 60 prompts), and those still without one."""
+    frame = perturbation_frame(model, kind)
+    done = list(dict.fromkeys(frame[frame["shots"] == 5]["task"])) if not frame.empty else []
+    return done, [t for t in ordered(pd.DataFrame({"task": informative_tasks(model), "shots": 5}))["task"] if t not in done]
+
+
+def tables_phrase(done: list[str], todo: list[str]) -> str:
+    """"3 such tables (of 13 informative tasks: *a*, *b*, *c*)", or "13 such tables, one per informative task"."""
+    if not todo:
+        return f"{len(done)} such tables, one per informative task"
+    return f"{len(done)} such table{'s' if len(done) != 1 else ''} (of {len(done) + len(todo)} informative tasks: {', '.join(f'*{t}*' for t in done)})"
+
+
+def readme_values(vals: dict[str, object]) -> dict[str, object]:
+    """The ``{NAME}``s of ``readme.md.in`` (README.md's results in short) that :func:`round2_values` has not."""
+    out: dict[str, object] = {}
+    for model, key, kind in (("smollm2", "SMOL5", LARGE), ("gemma-3-270m", "GEMMA5", "perturbation-5shot")):
+        done, todo = five_shot_count(model, kind)
+        out[f"{key}_TABLES"], out[f"{key}_STANDING"] = tables_phrase(done, todo), standing(model, kind)
+        out[f"{key}_LEFT"] = len(todo)
+    for model, key in (("smollm2", "SMOL"), ("gemma-3-270m", "GEMMA")):
+        frame = sparsity_frame(model)
+        out[f"{key}_HOYER_PAIRS"] = f"{_sparser_share(frame[frame['measure'] == 'hoyer'])[0]:.0%}"
+        out[f"{key}_TOP_PAIRS"] = f"{_sparser_share(frame[frame['measure'] == 'top_mass'])[0]:.0%}"
+        out[f"{key}_SPARSE_TASKS"] = frame["task"].nunique()
+    left = [f"{n} of {name}'s" for name, n in (("SmolLM2", out["SMOL5_LEFT"]), ("Gemma 3", out["GEMMA5_LEFT"])) if n]
+    out["FIVE_SHOT_TODO"] = (f" Not run yet: {' and '.join(left)} five-shot tables with 25 / 60 prompts (the results page lists them)."
+                             if left else "")  # fmt: skip
+    return {**vals, **out}
+
+
+def readme_block() -> str:
+    """README.md's results in short: ``readme.md.in`` filled from the CSVs."""
+    vals = round2_values()
+    for key in ("SMOL5_RA", "SMOL5_CM1", "SMOL5_ATP0", "GEMMA_RA", "GEMMA_CM1", "GEMMA_ATP0_AUC", "SMOL_ATP0_AUC", "SMOL_RA_AUC"):
+        vals[key] = f"{float(vals[key]):.2f}"  # two decimals in the README, three on the results page
+    return (HERE / "readme.md.in").read_text().format(**readme_values(vals))
+
+
+BLOCK = ("<!-- made by docs/results/summarize.py from docs/results/readme.md.in: edit that, not this -->\n",
+         "<!-- end of the part made by summarize.py -->\n")  # fmt: skip
+
+
+def readme_with_block(text: str, block: str) -> str:
+    """``text`` (the top README.md) with the part between the :data:`BLOCK` markers replaced by ``block``."""
+    missing = [m.strip() for m in BLOCK if text.count(m) != 1]
+    if missing:
+        raise ValueError(f"README.md must hold each of these lines once, around its results in short: {missing}")
+    start, end = text.index(BLOCK[0]) + len(BLOCK[0]), text.index(BLOCK[1])
+    return text[:start] + block + text[end:]
+
+
 def round2_values(figures: bool = False) -> dict[str, object]:
     """Every ``{NAME}`` of ``round2.md.in``, computed from the CSVs (``figures``: also draw the steps figures)."""
     if figures:
@@ -435,18 +513,23 @@ def readme_with_round2(text: str, section: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="rebuild README.md's round-2 section from the CSVs")
-    mode.add_argument("--check", action="store_true", help="exit 1 if README.md's round-2 section differs from the CSVs")
+    mode.add_argument("--write", action="store_true", help="rebuild README.md's round-2 section and the top README's results in short from the CSVs")
+    mode.add_argument("--check", action="store_true", help="exit 1 if either part differs from the CSVs")
     args = parser.parse_args(argv)
-    readme = HERE / "README.md"
     if args.write or args.check:
-        text = readme.read_text()
-        new = readme_with_round2(text, round2(figures=args.write))
-        if args.check:
-            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), "README.md", "from the CSVs"))
-            return int(new != text)
-        readme.write_text(new)
-        return 0
+        made = {HERE / "README.md": lambda text: readme_with_round2(text, round2(figures=args.write)),
+                TOP_README: lambda text: readme_with_block(text, readme_block())}  # fmt: skip
+        stale = 0
+        for path, make in made.items():
+            text = path.read_text()
+            new = make(text)
+            if args.check:
+                name = str(path.relative_to(TOP_README.parent))
+                sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True), name, "from the CSVs"))
+                stale |= new != text
+            else:
+                path.write_text(new)
+        return int(stale)
     section("Which tasks each model solves", accuracy(), first=True)
     section("Agreement with causal mediation (CM1)", agreement())
     section("Sparsity", sparsity())
