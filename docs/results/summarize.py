@@ -247,11 +247,11 @@ def perturbation(model: str = "smollm2", kind: str = "perturbation") -> tuple[st
     rows = []
     for (task, shots), part in frame.groupby(["task", "shots"], sort=False):
         part = part.set_index("method")
-        row: list[object] = [task, shots, f"{part['accuracy_all_heads'].iloc[0]:.2f}"]
+        row: list[object] = [task, shots, f"{int(part['n_score'].iloc[0])} / {int(part['n_test'].iloc[0])}", f"{part['accuracy_all_heads'].iloc[0]:.2f}"]
         for m in methods:  # a method added to only some tables (atp0) is "-" elsewhere
             row.append(f"{part.loc[m, 'auc']:.2f} / {part.loc[m, 'auc_reverse']:.2f}" if m in part.index else "-")
         rows.append(row)
-    header = ["task", "shots", "acc. all heads"] + [f"{NAMES.get(m, m)} ↑ / ↓" for m in methods]
+    header = ["task", "shots", "prompts (scoring / test)", "acc. all heads"] + [f"{NAMES.get(m, m)} ↑ / ↓" for m in methods]
     # the method summary counts only tests where the model gets something right (else every curve is 0)
     chosen = informative(frame)
     n_tests, _, wins = method_means(model, kind)
@@ -360,7 +360,17 @@ def five_shot_tables(model: str, kind: str) -> tuple[str, str]:
               f"{took}\n") if todo else ""  # fmt: skip
     if not done:
         return "The five-shot tables with 25 scoring / 60 test prompts are not run.", bullet
-    return f"With 25 scoring / 60 test prompts at five shots ({', '.join(done)}): {ranking_verdict(model, kind)}.", bullet
+    return f"With 25 scoring / 60 test prompts (where the split holds them) at five shots ({', '.join(done)}): {ranking_verdict(model, kind)}.", bullet
+
+
+def few_prompts(model: str, kind: str) -> str:
+    """A sentence naming the tables that rest on fewer than 25 scoring / 60 test prompts (their task's split is small)."""
+    frame = perturbation_frame(model, kind)
+    small = frame[(frame["n_test"] < 60) | (frame["n_score"] < 25)].drop_duplicates(["task", "shots"]) if not frame.empty else frame
+    if small.empty:
+        return ""
+    listed = ", ".join(f"{r.task} ({r.n_score} / {r.n_test})" for r in small.itertuples())
+    return f" Where a task's split holds fewer prompts the table rests on fewer: {listed}; one test prompt then moves an AUC by more."
 
 
 ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth"]
@@ -469,6 +479,7 @@ def round2_values(figures: bool = False) -> dict[str, object]:
     vals["PATCH_GEMMA"] = patching("gemma-3-270m")
     vals["PERT_SMOL5"], vals["WINS_SMOL5"] = perturbation("smollm2", LARGE)
     vals["SMOL5_MIN"] = minutes(HERE / LARGE, "perturbation", "scoring and curves")
+    vals["SMOL5_FEW"], vals["GEMMA5_FEW"] = few_prompts("smollm2", LARGE), few_prompts("gemma-3-270m", "perturbation-5shot")
     vals["SMOL5_VERDICT"], vals["SMOL5_TODO"] = five_shot_tables("smollm2", LARGE)
     _, vals["GEMMA_TODO_PERT"] = five_shot_tables("gemma-3-270m", "perturbation-5shot")
     vals["GEMMA_PATCH5_MIN"] = minutes(HERE / "patching" / "gemma-3-270m", "patching", "patching runs")
