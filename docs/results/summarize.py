@@ -349,10 +349,7 @@ def below_bar(model: str) -> tuple[str, list[str]]:
 def five_shot_tables(model: str, kind: str) -> tuple[str, str]:
     """The five-shot tables with 25 scoring / 60 test prompts run so far: a verdict clause, and a
     *Not measured yet* bullet naming the informative tasks still without one (empty when none)."""
-    frame = perturbation_frame(model, kind)
-    frame = frame[frame["shots"] == 5] if not frame.empty else frame
-    done = list(dict.fromkeys(frame["task"])) if not frame.empty else []
-    todo = [t for t in ordered(pd.DataFrame({"task": informative_tasks(model), "shots": 5}))["task"] if t not in done]
+    done, todo = five_shot_count(model, kind)
     name = MODELS[model]
     took = f" One took {minutes(folders(kind, model)[0], 'perturbation', 'scoring and curves')} minutes on one shared core." if done else ""
     bullet = (f"- **Five-shot perturbation tables on {name}** with 25 scoring / 60 test prompts and eight methods "
@@ -435,11 +432,9 @@ def readme_values(vals: dict[str, object]) -> dict[str, object]:
     return {**vals, **out}
 
 
-def readme_block() -> str:
-    """README.md's results in short: ``readme.md.in`` filled from the CSVs."""
-    vals = round2_values()
-    for key in ("SMOL5_RA", "SMOL5_CM1", "SMOL5_ATP0", "GEMMA_RA", "GEMMA_CM1", "GEMMA_ATP0_AUC", "SMOL_ATP0_AUC", "SMOL_RA_AUC"):
-        vals[key] = f"{float(vals[key]):.2f}"  # two decimals in the README, three on the results page
+def readme_block(vals: dict[str, object] | None = None) -> str:
+    """README.md's results in short: ``readme.md.in`` filled from the CSVs (``vals``: :func:`round2_values`, if made already)."""
+    vals = round2_values() if vals is None else vals
     return (HERE / "readme.md.in").read_text().format(**readme_values(vals))
 
 
@@ -489,19 +484,19 @@ def round2_values(figures: bool = False) -> dict[str, object]:
     gemma = perturbation_frame("gemma-3-270m")
     vals["GEMMA_PERT_N"] = gemma["task"].nunique()
     vals["GEMMA_PERT_MIN"] = minutes(HERE / "perturbation-5shot" / "gemma-3-270m", "perturbation", "scoring and curves")
-    for m in ("ra", "cm1", "index", "atp0"):
-        vals["GEMMA_" + m.upper() + ("_AUC" if m == "atp0" else "")] = f"{gemma[gemma['method'] == m]['auc'].mean():.3f}"
+    for m in ("ra", "cm1", "atp0"):
+        vals["GEMMA_" + m.upper() + ("_AUC" if m == "atp0" else "")] = gemma[gemma["method"] == m]["auc"].mean()
     vals["GEMMA_PERT_VERDICT"] = ranking_verdict("gemma-3-270m")
     large = perturbation_frame("smollm2", LARGE)
     for m in ("ra", "cm1", "atp0"):
-        vals["SMOL5_" + m.upper()] = f"{large[large['method'] == m]['auc'].mean():.3f}" if not large.empty else "-"
+        vals["SMOL5_" + m.upper()] = large[large["method"] == m]["auc"].mean() if not large.empty else float("nan")
     n_tests, means, wins = method_means("smollm2")
     vals["SMOL_PERT_N"], vals["SMOL_PERT_RA"], vals["SMOL_PERT_CM1"], vals["SMOL_PERT_RA_WINS"] = n_tests, f"{means['ra']:.3f}", f"{means['cm1']:.3f}", wins["ra"]
     smol = informative(perturbation_frame("smollm2"))
     with_atp0 = set(map(tuple, smol[smol["method"] == "atp0"][["task", "shots"]].values))
     smol = smol[[(t, k) in with_atp0 for t, k in zip(smol["task"], smol["shots"])]]  # the tests that have atp0
     for m in ("ra", "cm1", "atp0"):
-        vals["SMOL_" + m.upper() + "_AUC"] = f"{smol[smol['method'] == m]['auc'].mean():.3f}"
+        vals["SMOL_" + m.upper() + "_AUC"] = smol[smol["method"] == m]["auc"].mean()
     vals["SMOL_ATP0_N"] = int((smol["method"] == "atp0").sum())
     cm = pd.read_csv(HERE / "cm-resume-check.csv")
     speed = cm["tl_sweep_seconds"] / cm["seconds"]
@@ -510,9 +505,9 @@ def round2_values(figures: bool = False) -> dict[str, object]:
     return vals
 
 
-def round2(figures: bool = False) -> str:
-    """README.md's round-2 section: ``round2.md.in`` filled from the CSVs."""
-    return (HERE / "round2.md.in").read_text().format(**round2_values(figures))
+def round2(figures: bool = False, vals: dict[str, object] | None = None) -> str:
+    """README.md's round-2 section: ``round2.md.in`` filled from the CSVs (``vals``: :func:`round2_values`, if made already)."""
+    return (HERE / "round2.md.in").read_text().format(**(round2_values(figures) if vals is None else vals))
 
 
 def readme_with_round2(text: str, section: str) -> str:
@@ -528,8 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 if either part differs from the CSVs")
     args = parser.parse_args(argv)
     if args.write or args.check:
-        made = {HERE / "README.md": lambda text: readme_with_round2(text, round2(figures=args.write)),
-                TOP_README: lambda text: readme_with_block(text, readme_block())}  # fmt: skip
+        vals = round2_values(figures=args.write)
+        made = {HERE / "README.md": lambda text: readme_with_round2(text, round2(vals=vals)),
+                TOP_README: lambda text: readme_with_block(text, readme_block(vals))}  # fmt: skip
         stale = 0
         for path, make in made.items():
             text = path.read_text()
