@@ -408,9 +408,9 @@ def five_shot_count(model: str, kind: str) -> tuple[list[str], list[str]]:
 
 
 def tables_phrase(done: list[str], todo: list[str]) -> str:
-    """"3 such tables (of 13 informative tasks: *a*, *b*, *c*)", or "13 such tables, one per informative task"."""
+    """"3 such tables (of 13 informative tasks: *a*, *b*, *c*)", or "13 such tables (one per informative task)"."""
     if not todo:
-        return f"{len(done)} such tables, one per informative task"
+        return f"{len(done)} such tables (one per informative task)"
     return f"{len(done)} such table{'s' if len(done) != 1 else ''} (of {len(done) + len(todo)} informative tasks: {', '.join(f'*{t}*' for t in done)})"
 
 
