@@ -348,7 +348,7 @@ def below_bar(model: str) -> tuple[str, list[str]]:
 
 def five_shot_tables(model: str, kind: str) -> tuple[str, str]:
     """The five-shot tables with 25 scoring / 60 test prompts run so far: a verdict clause, and a
-    *Not measured yet* bullet naming the informative tasks still without one (empty when none)."""
+    *Open points* bullet naming the informative tasks still without one (empty when none)."""
     done, todo = five_shot_count(model, kind)
     name = MODELS[model]
     took = f" One took {minutes(folders(kind, model)[0], 'perturbation', 'scoring and curves')} minutes on one shared core." if done else ""
